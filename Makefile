@@ -1,0 +1,33 @@
+# `make demo` and `make test` each do all the set-up they need on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch (a local file on our machines); an unpinned torch would pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+DEMO_IMAGE := sample_images/cat.jpg
+
+.PHONY: install test demo lint clean
+
+install: $(BIN)/fmap
+
+$(BIN)/fmap: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(BIN)/fmap
+
+test: install
+	$(BIN)/python -m pytest
+
+demo: install
+	$(BIN)/fmap extract $(DEMO_IMAGE) --layers conv1,conv2 -o demo.h5 --overwrite
+	$(BIN)/fmap inspect demo.h5
+
+lint: install
+	$(BIN)/ruff check fmap_cli tests scripts
+	$(BIN)/ruff format --check fmap_cli tests scripts
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo.h5
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

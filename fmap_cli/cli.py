@@ -1,0 +1,192 @@
+"""The ``fmap`` command line: parse, validate, call the library, report.
+
+Nothing here imports torch at module level: ``fmap --help`` and ``fmap inspect`` stay fast.
+Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import FmapError, UnknownLayerError, UsageError
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn library exceptions into one-line click errors: usage mistakes exit 2, the rest 1."""
+    try:
+        yield
+    except (UsageError, UnknownLayerError) as exc:
+        raise click.UsageError(str(exc)) from None
+    except FmapError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+class SizeType(click.ParamType):
+    """``N`` or ``H,W``: the input size fed to the network."""
+
+    name = "N|H,W"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).split(",")
+        try:
+            numbers = [int(p) for p in parts]
+        except ValueError:
+            numbers = []
+        if len(numbers) not in (1, 2) or min(numbers) < 1:
+            self.fail(f"expected a positive integer N or H,W (e.g. 224 or 224,320), got {value!r}", param, ctx)
+        return (numbers[0], numbers[-1])
+
+
+def _split_layers(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise click.BadParameter("give at least one layer name, e.g. --layers conv1,conv2")
+    return list(dict.fromkeys(names))
+
+
+model_option = click.option(
+    "-m",
+    "--model",
+    metavar="NAME|SPEC",
+    help="Built-in model name (see 'fmap models') or a .toml/.json spec file. Default: edges.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="fmap")
+def cli() -> None:
+    """Extract the feature maps of a CNN, z (pre-activation) and a (activation), into HDF5.
+
+    \b
+      fmap extract photo.jpg --layers conv1,conv2 -o maps.h5
+      fmap inspect maps.h5
+    """
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=str))
+@model_option
+@click.option(
+    "-l",
+    "--layers",
+    callback=_split_layers,
+    metavar="L1,L2",
+    help="Layers to store (default: every layer with a nonlinearity).",
+)
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("fmap.h5"),
+    show_default=True,
+    help="Output HDF5 file.",
+)
+@click.option(
+    "-b", "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per forward pass."
+)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (cuda when available).")
+@click.option("--size", type=SizeType(), help="Input size N or H,W fed to the network (overrides the model's).")
+@click.option("--no-resize", is_flag=True, help="Feed images at their own size (all must be equal).")
+@click.option("--save-input", is_flag=True, help="Also store the exact input tensor as /input.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--verify", is_flag=True, help="Re-check a == f(z) for every stored value before finishing.")
+def extract(images: tuple[str, ...], out: Path, **options: Any) -> None:
+    """Run IMAGES through the model and store z and a of each layer in one HDF5 file.
+
+    Prints the output path on stdout; progress goes to stderr. Nothing is left at OUT on error.
+
+    \b
+      fmap extract cat.jpg dog.png --layers conv1,conv2 -o maps.h5
+      fmap inspect "$(fmap extract cat.jpg -o maps.h5 --overwrite)"
+    """
+    with _errors():
+        from .extract import ExtractOptions  # torch loads here, not for --help
+        from .extract import extract as run_extract
+
+        signal.signal(signal.SIGTERM, _terminate)  # a batch scheduler's kill still cleans up
+        result = run_extract(
+            ExtractOptions(images=list(images), out=out, command=shlex.join(sys.argv), **options),
+            log=lambda message: click.echo(message, err=True),
+        )
+    click.echo(f"wrote {result.n_images} images x {len(result.layers)} layers in {result.seconds:.1f} s", err=True)
+    click.echo(str(result.out))
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(file: Path, as_json: bool) -> None:
+    """Summarise an fmap HDF5 file: model, images, and per layer z/a statistics.
+
+    \b
+      fmap inspect maps.h5
+      fmap inspect maps.h5 --json | jq '.layers[].dead_channels'
+    """
+    from .summary import format_summary, read_summary
+
+    with _errors():
+        summary = read_summary(file)
+    click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else format_summary(summary))
+
+
+@cli.command()
+@model_option
+@click.option("--size", type=SizeType(), help="Input size N or H,W for the shapes (default: the model's).")
+def layers(model: str | None, size: tuple[int, int] | None) -> None:
+    """List the layers --layers accepts, with type, output shape, activation and receptive field.
+
+    \b
+      fmap layers
+      fmap layers --model my_model.toml --size 128
+    """
+    from .spec import geometry, load_spec
+
+    with _errors():
+        spec = load_spec(model)
+        rows = geometry(spec, size)
+    click.echo(f"{'layer':<12} {'type':<12} {'output (C,H,W)':<16} {'activation':<11} receptive field / stride")
+    for layer, geo in zip(spec.layers, rows, strict=True):
+        shape = "x".join(str(n) for n in geo.output_shape)
+        rf = f"{geo.receptive_field[0]}x{geo.receptive_field[1]} / {geo.stride[0]}x{geo.stride[1]}"
+        click.echo(f"{layer.name:<12} {layer.type:<12} {shape:<16} {layer.activation:<11} {rf}")
+
+
+@cli.command()
+def models() -> None:
+    """List the built-in models (use their name with --model)."""
+    from .spec import BUILTIN_MODELS, DEFAULT_MODEL, load_spec
+
+    with _errors():
+        for name in BUILTIN_MODELS:
+            spec = load_spec(name)
+            default = " (default)" if name == DEFAULT_MODEL else ""
+            layer_names = ", ".join(layer.name for layer in spec.layers)
+            click.echo(f"{name}{default}: {spec.description}\n    layers: {layer_names}")
+
+
+@cli.command(name="schema")
+def schema_command() -> None:
+    """Print the HDF5 schema that fmap files follow (datasets, attributes, meanings)."""
+    from .schema import render
+
+    click.echo(render(), nl=False)

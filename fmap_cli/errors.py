@@ -1,0 +1,29 @@
+"""Exceptions the user can cause. ``cli.py`` turns each into one line of output and an exit code."""
+
+
+class FmapError(Exception):
+    """Base class: something fmap cannot do with what it was given; ``str()`` is the user's message."""
+
+
+class SpecError(FmapError):
+    """A model spec or weights file is invalid (names the file, the layer and the key)."""
+
+
+class ImageError(FmapError):
+    """An image could not be read or decoded (names the file)."""
+
+
+class UnknownLayerError(FmapError):
+    """A requested layer name does not exist in the model."""
+
+
+class UsageError(FmapError):
+    """Options that cannot work together, or a value out of range (exit code 2 at the CLI)."""
+
+
+class FmapFileError(FmapError):
+    """A file that is not a complete fmap HDF5 file, or is corrupt."""
+
+
+class VerificationError(FmapError):
+    """A stored pair did not satisfy a == f(z) when re-checked."""

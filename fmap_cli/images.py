@@ -1,0 +1,209 @@
+"""Decode images and preprocess them into network input, with Pillow and numpy only.
+
+Semantics follow torchvision's ``Resize`` + ``CenterCrop`` + ``ToTensor`` + ``Normalize`` on PIL
+images: EXIF orientation applied; any mode converted to RGB (alpha composited onto a background
+colour, 16-bit greyscale scaled by 1/65535 instead of clipped); the shorter side resized with
+antialiased bilinear interpolation; a centre crop; pixels scaled to [0, 1]; per-channel
+``(x - mean) / std``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+_HIGH_DEPTH_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+# Pillow refuses images over 2x this many pixels and only warns above it; fmap refuses both.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Every parameter of the preprocessing, recorded in the output file.
+
+    ``size`` None means --no-resize: images are fed at their own size (all must be equal).
+    ``resize`` is the shorter side before the crop (torchvision ``Resize(resize)``); None resizes
+    just enough to cover ``size``.
+    """
+
+    size: tuple[int, int] | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: int | None = None
+    background: tuple[int, int, int] = (255, 255, 255)
+
+    def describe(self) -> dict[str, Any]:
+        """The steps applied, in order, as JSON-able data."""
+        steps: list[dict[str, Any]] = [
+            {"step": "exif_transpose"},
+            {
+                "step": "to_rgb",
+                "alpha_background": list(self.background),
+                "high_bit_depth": "16-bit greyscale divided by 65535, replicated to 3 channels",
+            },
+        ]
+        if self.size is not None:
+            shorter = self.resize if self.resize is not None else "cover"
+            steps.append({"step": "resize", "shorter_side": shorter, "interpolation": "bilinear", "antialias": True})
+            steps.append({"step": "center_crop", "size": list(self.size)})
+        steps.append({"step": "to_float", "scale": "1/255 (8-bit)", "range": [0.0, 1.0]})
+        steps.append({"step": "normalize", "mean": list(self.mean), "std": list(self.std)})
+        return {"input_size": list(self.size) if self.size else "native", "steps": steps}
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """One image file, decoded and oriented, with what the output file records about it."""
+
+    path: str
+    image: Image.Image  # mode "RGB", or "F" (values in [0, 1]) for high-bit-depth greyscale
+    original_size: tuple[int, int]  # (H, W) after EXIF orientation
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ImageBatch:
+    """Preprocessed images, ready to become a tensor."""
+
+    paths: list[str]
+    original_sizes: np.ndarray  # (N, 2) int64
+    sha256: list[str]
+    pixels: np.ndarray  # (N, 3, H, W) float32, normalised
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
+
+
+def _open(path: str) -> tuple[bytes, Image.Image]:
+    try:
+        data = open(path, "rb").read()  # noqa: SIM115 - one read, bytes reused for the hash
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory, not an image") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not data:
+        raise ImageError(f"{path}: empty file (0 bytes), not an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(BytesIO(data))
+            if image.width * image.height > MAX_PIXELS:
+                raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels")
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image file Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(
+            f"{path}: refused as a possible decompression bomb ({_reason(exc)}; limit {MAX_PIXELS} pixels)"
+        ) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{path}: cannot read image header: {_reason(exc)}") from None
+    return data, image
+
+
+def check_image(path: str) -> None:
+    """Cheap early check (header only): the file exists, is non-empty and looks like an image."""
+    _open(path)
+
+
+def decode_image(path: str | os.PathLike[str], background: tuple[int, int, int] = (255, 255, 255)) -> DecodedImage:
+    """Read, fully decode and orient one image; convert it to RGB (or "F" for 16-bit greyscale).
+
+    Raises:
+        ImageError: missing, empty, truncated, corrupt or oversized file; the message names it.
+    """
+    name = os.fsdecode(path)
+    data, image = _open(name)
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        image = _to_rgb(image, background)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{name}: cannot decode image: {_reason(exc)}") from None
+    return DecodedImage(name, image, (image.height, image.width), hashlib.sha256(data).hexdigest())
+
+
+def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    if image.mode in _HIGH_DEPTH_MODES:
+        scale = _HIGH_DEPTH_MODES[image.mode]
+        values = np.asarray(image, dtype=np.float32) / scale
+        return Image.fromarray(np.clip(values, 0.0, 1.0).astype(np.float32), mode="F")
+    if image.mode == "RGB":
+        return image
+    has_alpha = image.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _resize_and_crop(image: Image.Image, size: tuple[int, int], shorter: int | None) -> Image.Image:
+    height, width = size
+    h, w = image.height, image.width
+    if shorter is None:  # just cover the crop, keeping the aspect ratio (= Resize(224) for 224x224)
+        if height / h >= width / w:
+            new_h, new_w = height, max(width, int(w * height / h))
+        else:
+            new_h, new_w = max(height, int(h * width / w)), width
+    elif w <= h:  # torchvision: the shorter side gets `shorter`, the longer side is truncated
+        new_w, new_h = shorter, int(shorter * h / w)
+    else:
+        new_h, new_w = shorter, int(shorter * w / h)
+    if (new_h, new_w) != (h, w):
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    # torchvision's CenterCrop offsets; a crop larger than the image pads with zeros.
+    top, left = round((new_h - height) / 2.0), round((new_w - width) / 2.0)
+    return image.crop((left, top, left + width, top + height))
+
+
+def preprocess(decoded: DecodedImage, prep: Preprocessing) -> np.ndarray:
+    """One decoded image -> (3, H, W) float32, normalised."""
+    image = decoded.image
+    if prep.size is not None:
+        image = _resize_and_crop(image, prep.size, prep.resize)
+    if image.mode == "F":
+        pixels = np.repeat(np.asarray(image, dtype=np.float32)[None], 3, axis=0)  # (3, H, W)
+    else:
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)  # (3, H, W)
+    mean = np.asarray(prep.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(prep.std, dtype=np.float32)[:, None, None]
+    return ((pixels - mean) / std).astype(np.float32, copy=False)
+
+
+def load_batch(paths: Sequence[str], prep: Preprocessing) -> ImageBatch:
+    """Decode and preprocess ``paths`` into one batch, in the order given.
+
+    Raises:
+        ImageError: a file cannot be decoded, or with ``size=None`` its size differs from the first.
+    """
+    decoded = [decode_image(path, prep.background) for path in paths]
+    arrays = [preprocess(image, prep) for image in decoded]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        first = arrays[0].shape
+        odd = next(d for d, a in zip(decoded, arrays, strict=True) if a.shape != first)
+        raise ImageError(
+            f"{odd.path}: size {odd.original_size[0]}x{odd.original_size[1]} differs from "
+            f"{decoded[0].path} ({first[1]}x{first[2]}); --no-resize needs images of equal size"
+        )
+    return ImageBatch(
+        paths=[d.path for d in decoded],
+        original_sizes=np.asarray([d.original_size for d in decoded], dtype=np.int64).reshape(-1, 2),
+        sha256=[d.sha256 for d in decoded],
+        pixels=np.stack(arrays),
+    )

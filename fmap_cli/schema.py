@@ -1,0 +1,199 @@
+"""The fmap HDF5 schema, version 1: defined once, as data, for the writer, the readers and the docs.
+
+Everything here is plain data (no h5py, no torch). ``writer.py`` creates exactly these nodes and
+attributes, ``summary.py`` reads them by these names, ``fmap schema`` prints :func:`render`, and
+the README's schema section is that output (a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SCHEMA_VERSION = 1
+
+# Names used by the writer and the readers; change them only with SCHEMA_VERSION.
+PREACTIVATION = "preactivation"
+ACTIVATION = "activation"
+LAYERS = "layers"
+IMAGES = "images"
+INPUT = "input"
+DIM_NAMES = ("N", "C", "H", "W")
+
+GLOSSARY = (
+    "For a layer with input x: the pre-activation z = w * x + b is the layer's linear output, before "
+    "its nonlinearity (it has negative values); it is stored as 'preactivation' (symbol z). "
+    "The activation a = f(z), e.g. f = relu, is stored as 'activation' (symbol a). "
+    "'Feature map' and 'activation map' in the literature mean a ('rectified feature map' when f is "
+    "relu). The activation of one layer (after any pooling) is the input of the next; each layer "
+    "group's 'input' attribute names the dataset its input came from."
+)
+
+ALSO_KNOWN_AS = {
+    "relu": "feature map, activation map, rectified feature map",
+}
+DEFAULT_ALSO_KNOWN_AS = "feature map, activation map"
+
+NO_ACTIVATION_NOTE = (
+    "No nonlinearity follows this layer: only its output is stored, as 'preactivation' (z). "
+    "There is deliberately no 'activation' dataset (never a copy of z)."
+)
+
+
+def also_known_as(nonlinearity: str) -> str:
+    """The names the literature uses for the activation of this nonlinearity."""
+    return ALSO_KNOWN_AS.get(nonlinearity, DEFAULT_ALSO_KNOWN_AS)
+
+
+def preactivation_description(layer: str, layer_type: str) -> str:
+    """One sentence for the ``description`` attribute of a z dataset."""
+    return (
+        f"z: the output of {layer_type} layer '{layer}' before its nonlinearity (pre-activation, "
+        "w * x + b), one map per image and channel."
+    )
+
+
+def activation_description(layer: str, nonlinearity: str) -> str:
+    """One sentence for the ``description`` attribute of an a dataset."""
+    return (
+        f"a = {nonlinearity}(z): the activation of layer '{layer}', its pre-activation z "
+        f"(sibling dataset '{PREACTIVATION}') passed through {nonlinearity}; the 'feature map'."
+    )
+
+
+@dataclass(frozen=True)
+class Attr:
+    """One HDF5 attribute: its name, stored type and meaning."""
+
+    name: str
+    dtype: str
+    description: str
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Node:
+    """One HDF5 group or dataset; ``{layer}`` in a path stands for each stored layer's name."""
+
+    path: str
+    kind: str  # "group" or "dataset"
+    description: str
+    dtype: str = ""
+    shape: str = ""
+    attrs: tuple[Attr, ...] = field(default_factory=tuple)
+    required: bool = True
+
+
+MAP_DIMS = "(N, C, H, W)"
+
+SCHEMA: tuple[Node, ...] = (
+    Node(
+        "/",
+        "group",
+        "The file. Written under a temporary name and renamed onto its final name only when complete.",
+        attrs=(
+            Attr("fmap_schema_version", "int64", f"Version of this schema ({SCHEMA_VERSION})."),
+            Attr("complete", "int8", "1 once every dataset is written; set last, just before the rename."),
+            Attr("fmap_version", "str", "Version of fmap that wrote the file."),
+            Attr("torch_version", "str", "Version of PyTorch that ran the forward pass."),
+            Attr("created", "str", "Creation time, UTC, ISO 8601."),
+            Attr("command", "str", "The command line that made the file."),
+            Attr("n_images", "int64", "Number of images N stacked along the first axis of every map."),
+            Attr("device", "str", "Device the forward pass ran on (cpu, cuda:0, ...)."),
+            Attr("model_name", "str", "Name of the model."),
+            Attr("model_source", "str", "Where the model came from: a spec file's path, or builtin:<name>."),
+            Attr("model_spec", "str (JSON)", "The model spec the network was built from, as JSON."),
+            Attr("weights_sha256", "str", "SHA-256 of the weights file's bytes."),
+            Attr("preprocessing", "str (JSON)", "Every preprocessing step applied, with its parameters."),
+            Attr("layers", "str[]", "Names of the stored layers, in forward order."),
+            Attr("glossary", "str", "Human-readable definitions of z, a and 'feature map'."),
+        ),
+    ),
+    Node("/N", "dataset", "Image index 0..N-1: dimension scale N of /input and every map.", "int64", "(N,)"),
+    Node("/images", "group", "One entry per image, in the order given on the command line."),
+    Node("/images/path", "dataset", "Image paths as given (UTF-8; undecodable bytes escaped).", "str", "(N,)"),
+    Node(
+        "/images/original_size",
+        "dataset",
+        "Image size before preprocessing, as (H, W), after EXIF orientation.",
+        "int64",
+        "(N, 2)",
+    ),
+    Node("/images/sha256", "dataset", "SHA-256 of each image file's bytes.", "str", "(N,)"),
+    Node(
+        f"/{INPUT}",
+        "dataset",
+        "The exact tensor fed to the network (after preprocessing); only with --save-input.",
+        "float32",
+        "(N, 3, H, W)",
+        required=False,
+    ),
+    Node(f"/{LAYERS}", "group", "One group per stored layer, named as in the model."),
+    Node(
+        f"/{LAYERS}/{{layer}}",
+        "group",
+        "One layer. Also holds its dimension scales C, H, W (int64 indices).",
+        attrs=(
+            Attr("type", "str", "Layer type (conv2d, maxpool2d, linear, ...)."),
+            Attr("hyperparameters", "str (JSON)", "The layer's hyper-parameters (kernel_size, stride, ...)."),
+            Attr("input", "str", "Dataset path this layer's input came from, or 'input' for the image tensor."),
+            Attr("nonlinearity", "str", "The nonlinearity f with a = f(z), or 'none'."),
+            Attr("has_activation", "int8", "1 if an activation dataset is stored, else 0."),
+            Attr("note", "str", "Why there is no activation dataset (only when has_activation = 0).", False),
+            Attr("output_shape", "int64[]", "Shape of one image's map: (C, H, W), or (C,) for linear layers."),
+            Attr("receptive_field", "int64[2]", "Receptive field of one unit, in input pixels (H, W)."),
+            Attr("receptive_field_stride", "int64[2]", "Input pixels between neighbouring units (H, W)."),
+            Attr(
+                "receptive_field_start",
+                "float64[2]",
+                "Input-pixel coordinates (row, col) of the centre of unit (0, 0)'s receptive field.",
+            ),
+            Attr("channel_descriptions", "str[]", "What each channel responds to (built-in models).", False),
+        ),
+    ),
+    Node(
+        f"/{LAYERS}/{{layer}}/{PREACTIVATION}",
+        "dataset",
+        "z: the layer's linear output before its nonlinearity. Uncompressed by default. "
+        "Dimension scales N, C, H, W attached (DIMENSION_LIST, DIMENSION_LABELS).",
+        "float32",
+        MAP_DIMS,
+        attrs=(
+            Attr("role", "str", f"'{PREACTIVATION}'."),
+            Attr("symbol", "str", "'z'."),
+            Attr("long_name", "str", "Short label for plotting tools (xarray, netCDF)."),
+            Attr("description", "str", "One sentence saying what this dataset is."),
+        ),
+    ),
+    Node(
+        f"/{LAYERS}/{{layer}}/{ACTIVATION}",
+        "dataset",
+        "a = f(z): the feature map. gzip level 1 (no shuffle) by default. Absent when the layer has "
+        "no nonlinearity. Dimension scales N, C, H, W attached.",
+        "float32",
+        MAP_DIMS,
+        attrs=(
+            Attr("role", "str", f"'{ACTIVATION}'."),
+            Attr("symbol", "str", "'a'."),
+            Attr("nonlinearity", "str", "f, e.g. 'relu'."),
+            Attr("also_known_as", "str", "Other names: 'feature map, activation map, ...'."),
+            Attr("long_name", "str", "Short label for plotting tools (xarray, netCDF)."),
+            Attr("description", "str", "One sentence saying what this dataset is and how it relates to z."),
+        ),
+        required=False,
+    ),
+)
+
+
+def render() -> str:
+    """The schema as plain-text documentation (what ``fmap schema`` prints)."""
+    lines = [f"fmap HDF5 schema, version {SCHEMA_VERSION}", "", GLOSSARY, ""]
+    for node in SCHEMA:
+        kind = node.kind if not node.dtype else f"{node.dtype} {node.shape}"
+        optional = "" if node.required else ", optional"
+        lines.append(f"{node.path}  [{kind}{optional}]")
+        lines.append(f"    {node.description}")
+        for attr in node.attrs:
+            optional = "" if attr.required else ", optional"
+            lines.append(f"    @{attr.name} ({attr.dtype}{optional}): {attr.description}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
