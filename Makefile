@@ -12,7 +12,6 @@ install: $(BIN)/fmap
 
 $(BIN)/fmap: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(BIN)/fmap

@@ -110,6 +110,7 @@ def extract(images: tuple[str, ...], out: Path, **options: Any) -> None:
     """Run IMAGES through the model and store z and a of each layer in one HDF5 file.
 
     Prints the output path on stdout; progress goes to stderr. Nothing is left at OUT on error.
+    Exit codes: 0 done, 1 failed (bad image, model or file), 2 usage error.
 
     \b
       fmap extract cat.jpg dog.png --layers conv1,conv2 -o maps.h5

@@ -7,6 +7,7 @@ the README's schema section is that output (a test keeps them equal).
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 
 SCHEMA_VERSION = 1
@@ -186,7 +187,7 @@ SCHEMA: tuple[Node, ...] = (
 
 def render() -> str:
     """The schema as plain-text documentation (what ``fmap schema`` prints)."""
-    lines = [f"fmap HDF5 schema, version {SCHEMA_VERSION}", "", GLOSSARY, ""]
+    lines = [f"fmap HDF5 schema, version {SCHEMA_VERSION}", "", *textwrap.wrap(GLOSSARY, 100), ""]
     for node in SCHEMA:
         kind = node.kind if not node.dtype else f"{node.dtype} {node.shape}"
         optional = "" if node.required else ", optional"
