@@ -141,7 +141,7 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
     if image.mode in _HIGH_DEPTH_MODES:
         scale = _HIGH_DEPTH_MODES[image.mode]
         values = np.asarray(image, dtype=np.float32) / scale
-        return Image.fromarray(np.clip(values, 0.0, 1.0).astype(np.float32), mode="F")
+        return Image.fromarray(np.clip(values, 0.0, 1.0).astype(np.float32))  # 2-D float32 -> mode "F"
     if image.mode == "RGB":
         return image
     has_alpha = image.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (image.mode == "P" and "transparency" in image.info)
