@@ -8,8 +8,8 @@ from __future__ import annotations
 import difflib
 import json
 import time
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,34 +95,38 @@ def resolve_device(name: str) -> torch.device:
 
 
 def layer_records(spec: ModelSpec, geo: Sequence[LayerGeometry], chosen: Sequence[LayerSpec]) -> list[LayerRecord]:
-    """The per-layer metadata the file records, for the chosen layers."""
-    outputs = {
-        layer.name: f"/{schema.LAYERS}/{layer.name}/"
-        + (schema.ACTIVATION if layer.has_activation else schema.PREACTIVATION)
-        for layer in spec.layers
-    }
-    names = [layer.name for layer in spec.layers]
+    """The per-layer metadata the file records, for the chosen layers.
+
+    A layer's ``input`` is the nearest stored dataset upstream (or the image tensor) and
+    ``input_via`` the unstored layers in between, so the provenance never names a missing dataset.
+    """
+    stored = {layer.name for layer in chosen}
     records = []
-    for layer in chosen:
-        index = names.index(layer.name)
-        g = geo[index]
-        hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in layer.params.items()}
-        if layer.activation == "leaky_relu":
-            hyper["negative_slope"] = layer.negative_slope
-        records.append(
-            LayerRecord(
-                name=layer.name,
-                type=layer.type,
-                hyperparameters=hyper,
-                input=schema.INPUT if index == 0 else outputs[names[index - 1]],
-                nonlinearity=layer.activation,
-                output_shape=g.output_shape,
-                receptive_field=g.receptive_field,
-                receptive_field_stride=g.stride,
-                receptive_field_start=g.start,
-                channel_descriptions=layer.channel_descriptions,
+    source, via = schema.INPUT, []
+    for layer, g in zip(spec.layers, geo, strict=True):
+        if layer.name in stored:
+            hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in layer.params.items()}
+            if layer.activation == "leaky_relu":
+                hyper["negative_slope"] = layer.negative_slope
+            records.append(
+                LayerRecord(
+                    name=layer.name,
+                    type=layer.type,
+                    hyperparameters=hyper,
+                    input=source,
+                    input_via=" -> ".join(via),
+                    nonlinearity=layer.activation,
+                    output_shape=g.output_shape,
+                    receptive_field=g.receptive_field,
+                    receptive_field_stride=g.stride,
+                    receptive_field_start=g.start,
+                    channel_descriptions=layer.channel_descriptions,
+                )
             )
-        )
+            role = schema.ACTIVATION if layer.has_activation else schema.PREACTIVATION
+            source, via = f"/{schema.LAYERS}/{layer.name}/{role}", []
+        else:
+            via.append(layer.name)
     return records
 
 
@@ -173,6 +177,7 @@ def extract(options: ExtractOptions, log: Callable[[str], None] = lambda message
     writer: MapWriter | None = None
     verified = 0
     with ExitStack() as stack:
+        stack.enter_context(_full_float32())
         run = stack.enter_context(capture(net, taps, clone=False))  # SpecNet has no in-place ops
         for start in range(0, len(options.images), options.batch_size):
             batch = load_batch(options.images[start : start + options.batch_size], prep)
@@ -212,6 +217,21 @@ def extract(options: ExtractOptions, log: Callable[[str], None] = lambda message
         seconds=time.perf_counter() - started,
         values_verified=verified,
     )
+
+
+@contextmanager
+def _full_float32() -> Iterator[None]:
+    """Turn TF32 off while extracting (restored after).
+
+    PyTorch lets cuDNN convolutions use TF32 by default, which keeps ~3 significant digits:
+    stored maps must be what a float32 forward pass computes.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _host(t: torch.Tensor) -> np.ndarray:

@@ -26,7 +26,7 @@ GLOSSARY = (
     "The activation a = f(z), e.g. f = relu, is stored as 'activation' (symbol a). "
     "'Feature map' and 'activation map' in the literature mean a ('rectified feature map' when f is "
     "relu). The activation of one layer (after any pooling) is the input of the next; each layer "
-    "group's 'input' attribute names the dataset its input came from."
+    "group's 'input' and 'input_via' attributes say where its input came from."
 )
 
 ALSO_KNOWN_AS = {
@@ -110,6 +110,17 @@ SCHEMA: tuple[Node, ...] = (
         ),
     ),
     Node("/N", "dataset", "Image index 0..N-1: dimension scale N of /input and every map.", "int64", "(N,)"),
+    *(
+        Node(
+            f"/{dim}",
+            "dataset",
+            f"Dimension scale {dim} of /input; only with /input.",
+            "int64",
+            f"({dim},)",
+            required=False,
+        )
+        for dim in DIM_NAMES[1:]
+    ),
     Node("/images", "group", "One entry per image, in the order given on the command line."),
     Node("/images/path", "dataset", "Image paths as given (UTF-8; undecodable bytes escaped).", "str", "(N,)"),
     Node(
@@ -136,7 +147,17 @@ SCHEMA: tuple[Node, ...] = (
         attrs=(
             Attr("type", "str", "Layer type (conv2d, maxpool2d, linear, ...)."),
             Attr("hyperparameters", "str (JSON)", "The layer's hyper-parameters (kernel_size, stride, ...)."),
-            Attr("input", "str", "Dataset path this layer's input came from, or 'input' for the image tensor."),
+            Attr(
+                "input",
+                "str",
+                "Where this layer's input came from: the nearest stored dataset upstream (e.g. "
+                "/layers/conv1/activation), or 'input' for the image tensor (stored as /input with --save-input).",
+            ),
+            Attr(
+                "input_via",
+                "str",
+                "Layers applied between 'input' and this layer, e.g. 'pool1'; empty when fed directly.",
+            ),
             Attr("nonlinearity", "str", "The nonlinearity f with a = f(z), or 'none'."),
             Attr("has_activation", "int8", "1 if an activation dataset is stored, else 0."),
             Attr("note", "str", "Why there is no activation dataset (only when has_activation = 0).", False),

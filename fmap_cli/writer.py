@@ -33,7 +33,8 @@ class LayerRecord:
     name: str
     type: str
     hyperparameters: dict[str, Any]
-    input: str  # dataset path of the layer's input, or "input"
+    input: str  # nearest upstream stored dataset, or "input" (the image tensor)
+    input_via: str  # layers applied between that dataset and this layer, "a -> b"; "" if none
     nonlinearity: str  # "none" when the layer has no nonlinearity
     output_shape: tuple[int, ...]  # per image: (C, H, W) or (C,)
     receptive_field: tuple[int, int]
@@ -61,12 +62,18 @@ def safe_text(value: str) -> str:
     return os.fsencode(value).decode("utf-8", "backslashreplace")
 
 
-def channel_block(per_channel_bytes: int, channels: int) -> int:
-    """Channels per chunk: all of them, halved until one chunk is at most CHUNK_BYTES."""
-    block = channels
-    while block > 1 and block * per_channel_bytes > CHUNK_BYTES:
-        block = (block + 1) // 2
-    return block
+def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Chunk of one image x a block of channels, at most CHUNK_BYTES.
+
+    Channels are halved first; a single channel larger than the limit is split into row blocks.
+    """
+    block = list(shape)  # one image's (C, H, W) or (C,)
+    axis = 0
+    while axis < len(block) and block[axis] > 1 and int(np.prod(block)) * itemsize > CHUNK_BYTES:
+        block[axis] = (block[axis] + 1) // 2
+        if block[axis] == 1:
+            axis += 1
+    return (1, *block)
 
 
 def temporary_path(out: Path) -> Path:
@@ -133,7 +140,8 @@ class MapWriter:
             ds.dims[0].attach_scale(n_scale)
             ds.dims[0].label = "N"
         if self.input_shape is not None:
-            self._create_map(f, schema.INPUT, self.input_shape, None, dims=False)
+            _create_scales(f, self.input_shape)
+            self._create_map(f, schema.INPUT, self.input_shape, None)
         layers = f.create_group(schema.LAYERS)
         for layer in self.layers:
             self._create_layer(layers, layer)
@@ -143,6 +151,7 @@ class MapWriter:
         group.attrs["type"] = layer.type
         group.attrs["hyperparameters"] = json.dumps(layer.hyperparameters, ensure_ascii=True)
         group.attrs["input"] = layer.input
+        group.attrs["input_via"] = layer.input_via
         group.attrs["nonlinearity"] = layer.nonlinearity
         group.attrs["has_activation"] = np.int8(layer.has_activation)
         if not layer.has_activation:
@@ -153,8 +162,7 @@ class MapWriter:
         group.attrs["receptive_field_start"] = np.asarray(layer.receptive_field_start, dtype=np.float64)
         if layer.channel_descriptions:
             group.attrs["channel_descriptions"] = np.array(layer.channel_descriptions, dtype=STR)
-        for dim, length in zip(schema.DIM_NAMES[1:], layer.output_shape, strict=False):
-            group.create_dataset(dim, data=np.arange(length, dtype=np.int64)).make_scale(dim)
+        _create_scales(group, layer.output_shape)
         z = self._create_map(group, schema.PREACTIVATION, layer.output_shape, self.storage.preactivation)
         z.attrs["role"] = schema.PREACTIVATION
         z.attrs["symbol"] = "z"
@@ -170,11 +178,10 @@ class MapWriter:
             a.attrs["description"] = schema.activation_description(layer.name, layer.nonlinearity)
 
     def _create_map(
-        self, group: h5py.Group, name: str, shape: tuple[int, ...], compression: str | None, dims: bool = True
+        self, group: h5py.Group, name: str, shape: tuple[int, ...], compression: str | None
     ) -> h5py.Dataset:
         dtype = np.dtype(self.storage.dtype)
-        per_channel = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        chunks = (1, channel_block(per_channel, shape[0]), *shape[1:])
+        chunks = chunk_shape(shape, dtype.itemsize)
         options: dict[str, Any] = {}
         if compression is not None:
             options["compression"] = compression
@@ -193,7 +200,7 @@ class MapWriter:
         ds.dims[0].attach_scale(f["N"])
         for axis, dim in enumerate(schema.DIM_NAMES[: len(shape) + 1]):
             ds.dims[axis].label = dim
-            if dims and axis > 0:
+            if axis > 0:
                 ds.dims[axis].attach_scale(group[dim])
         return ds
 
@@ -270,6 +277,12 @@ class MapWriter:
             finally:
                 self._file = None
         self.tmp.unlink(missing_ok=True)
+
+
+def _create_scales(group: h5py.Group, shape: tuple[int, ...]) -> None:
+    """Index datasets C, H, W (as many as ``shape`` has) in ``group``, made dimension scales."""
+    for dim, length in zip(schema.DIM_NAMES[1:], shape, strict=False):
+        group.create_dataset(dim, data=np.arange(length, dtype=np.int64)).make_scale(dim)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -15,7 +15,7 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 def test_readme_schema_section_is_fmap_schema_output() -> None:
     match = re.search(r"<!-- fmap schema -->\n```\n(.*?)```\n<!-- /fmap schema -->", README, re.S)
     assert match, "README lost its generated schema section"
-    assert match.group(1) == schema.render()
+    assert match.group(1) == schema.render(), "README schema section is stale: run 'make docs'"
 
 
 def test_readme_documents_every_command() -> None:

@@ -1,0 +1,232 @@
+"""CLI behaviour on the happy paths, through click's CliRunner (error paths live in test_errors.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+from conftest import SAMPLES, TINY_SPEC, tiny_weights
+
+from fmap_cli import __version__
+from fmap_cli.cli import cli
+
+
+def invoke(*args: str) -> Result:
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == 0, f"fmap {' '.join(args)} -> {result.exit_code}\n{result.output}"
+    assert result.exception is None
+    return result
+
+
+def extract(*args: str) -> Result:
+    return invoke("extract", "--device", "cpu", *args)
+
+
+# ---------------------------------------------------------------------------- help and version
+
+
+def test_top_level_help_lists_every_command() -> None:
+    result = invoke("--help")
+    assert "Usage:" in result.stdout
+    for name in cli.commands:
+        assert name in result.stdout
+    assert set(cli.commands) >= {"extract", "inspect", "layers", "models", "schema"}
+
+
+@pytest.mark.parametrize("name", sorted(cli.commands))
+def test_every_command_has_help(name: str) -> None:
+    command = cli.commands[name]
+    assert command.help and command.help.strip()
+    result = invoke(name, "--help")
+    assert f"Usage: cli {name}" in result.stdout or f"Usage: fmap {name}" in result.stdout
+    first_line = command.help.strip().splitlines()[0]
+    assert first_line[:40] in " ".join(result.stdout.split())
+
+
+def test_short_help_option() -> None:
+    assert "Usage:" in invoke("-h").stdout
+
+
+def test_version() -> None:
+    result = invoke("--version")
+    assert result.stdout.strip() == f"fmap, version {__version__}"
+
+
+# ---------------------------------------------------------------------------- extract
+
+
+def test_extract_prints_only_the_path_on_stdout(tiny_model: Path, images: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "maps.h5"
+    result = extract(*map(str, images), "-m", str(tiny_model), "-o", str(out))
+    assert result.stdout == f"{out}\n"
+    assert "model tiny" in result.stderr and "3/3 images" in result.stderr
+    assert str(out) not in result.stderr
+    assert out.is_file()
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*.partial"))
+
+
+def test_default_layers_are_those_with_a_nonlinearity(tiny_model: Path, images: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "d.h5"
+    extract(str(images[0]), "-m", str(tiny_model), "-o", str(out))
+    with h5py.File(out, "r") as f:
+        assert sorted(f["layers"]) == ["conv1", "conv2"]
+        assert list(f.attrs["layers"]) == ["conv1", "conv2"]
+
+
+def test_layers_option_selects_and_orders(tiny_model: Path, images: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "l.h5"
+    extract(str(images[0]), "-m", str(tiny_model), "--layers", "conv2, pool1", "-o", str(out))
+    with h5py.File(out, "r") as f:
+        assert sorted(f["layers"]) == ["conv2", "pool1"]
+        assert list(f.attrs["layers"]) == ["pool1", "conv2"]  # forward order, not the order asked
+
+
+def test_overwrite_replaces_existing_file(tiny_model: Path, images: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "o.h5"
+    extract(str(images[0]), "-m", str(tiny_model), "-o", str(out))
+    with h5py.File(out, "r") as f:
+        assert f.attrs["n_images"] == 1
+    extract(*map(str, images), "-m", str(tiny_model), "-o", str(out), "--overwrite", "--layers", "conv1")
+    with h5py.File(out, "r") as f:
+        assert f.attrs["n_images"] == 3
+        assert f["images/path"].asstr()[...].tolist() == [str(p) for p in images]
+        assert sorted(f["layers"]) == ["conv1"]
+
+
+def test_size_changes_input_shape(tiny_model: Path, images: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "s.h5"
+    extract(*map(str, images[:2]), "-m", str(tiny_model), "--size", "16,20", "--save-input", "-o", str(out))
+    with h5py.File(out, "r") as f:
+        assert f["input"].shape == (2, 3, 16, 20)
+        assert f["layers/conv1/preactivation"].shape == (2, 4, 16, 20)
+        assert f["layers/conv2/preactivation"].shape == (2, 5, 3, 4)  # pool -> 8x10, 3x3 stride 2 -> 3x4
+        assert json.loads(f.attrs["preprocessing"])["input_size"] == [16, 20]
+
+
+# ---------------------------------------------------------------------------- models and layers
+
+
+def test_models_lists_edges_as_default() -> None:
+    result = invoke("models")
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("edges (default)")
+    assert "conv1, pool1, conv2" in result.stdout
+
+
+def layer_rows(stdout: str) -> dict[str, list[str]]:
+    lines = stdout.splitlines()
+    assert lines[0].split()[0] == "layer"
+    return {line.split()[0]: line.split() for line in lines[1:]}
+
+
+def test_layers_shows_shapes_and_receptive_fields() -> None:
+    rows = layer_rows(invoke("layers").stdout)
+    assert list(rows) == ["conv1", "pool1", "conv2"]
+    assert rows["conv1"][1:4] == ["conv2d", "16x112x112", "relu"]
+    assert rows["pool1"][1:4] == ["maxpool2d", "16x56x56", "none"]
+    assert rows["conv2"][1:4] == ["conv2d", "16x56x56", "relu"]
+    assert " ".join(rows["conv2"][4:]) == "17x17 / 4x4"
+
+
+def test_layers_size_option_changes_shapes(tiny_model: Path) -> None:
+    rows = layer_rows(invoke("layers", "--size", "64").stdout)
+    assert [rows[name][2] for name in ("conv1", "pool1", "conv2")] == ["16x32x32", "16x16x16", "16x16x16"]
+    rows = layer_rows(invoke("layers", "--size", "64,96").stdout)
+    assert [rows[name][2] for name in ("conv1", "pool1", "conv2")] == ["16x32x48", "16x16x24", "16x16x24"]
+    rows = layer_rows(invoke("layers", "-m", str(tiny_model)).stdout)
+    assert [rows[name][2] for name in ("conv1", "pool1", "conv2")] == ["4x20x24", "4x10x12", "5x4x5"]
+
+
+# ---------------------------------------------------------------------------- inspect
+
+
+@pytest.fixture
+def maps_file(tiny_model: Path, images: list[Path], tmp_path: Path) -> Path:
+    out = tmp_path / "maps.h5"
+    extract(*map(str, images), "-m", str(tiny_model), "--layers", "conv1,pool1,conv2", "-o", str(out))
+    return out
+
+
+def test_inspect_text(maps_file: Path, images: list[Path]) -> None:
+    text = invoke("inspect", str(maps_file)).stdout
+    for name in ("conv1", "pool1", "conv2"):
+        assert f"  {name}  " in text
+    assert text.count("dead channels:") == 2  # pool1 has no activation
+    for path in images:
+        assert str(path) in text
+    assert "images: 3" in text
+    assert "tiny" in text
+
+
+def test_inspect_json_matches_numpy(maps_file: Path) -> None:
+    data = json.loads(invoke("inspect", str(maps_file), "--json").stdout)
+    assert data["n_images"] == 3 and data["model_name"] == "tiny"
+    layers = {layer["name"]: layer for layer in data["layers"]}
+    assert list(layers) == ["conv1", "pool1", "conv2"]
+    with h5py.File(maps_file, "r") as f:
+        for name, layer in layers.items():
+            group = f["layers"][name]
+            z = group["preactivation"][...]
+            assert layer["shape"] == list(z.shape)
+            on_disk = sum(ds.id.get_storage_size() for ds in group.values() if ds.name.endswith("activation"))
+            raw = sum(ds.size * 4 for ds in group.values() if ds.name.endswith("activation"))
+            assert layer["bytes_on_disk"] == on_disk > 0
+            assert layer["compression_ratio"] == pytest.approx(raw / on_disk, abs=1e-4)
+            stats = layer["preactivation"]
+            assert stats["fraction_of"] == "negatives"
+            assert stats["min"] == pytest.approx(float(z.min()))
+            assert stats["max"] == pytest.approx(float(z.max()))
+            assert stats["mean"] == pytest.approx(float(z.astype(np.float64).mean()), rel=1e-6, abs=1e-9)
+            assert stats["fraction"] == pytest.approx(float((z < 0).mean()))
+            if "activation" not in group:
+                assert layer["activation"] is None and layer["dead_channels"] == []
+                continue
+            a = group["activation"][...]
+            stats = layer["activation"]
+            assert stats["fraction_of"] == "zeros"
+            assert stats["min"] == pytest.approx(float(a.min())) and stats["min"] >= 0
+            assert stats["max"] == pytest.approx(float(a.max()))
+            assert stats["mean"] == pytest.approx(float(a.astype(np.float64).mean()), rel=1e-6, abs=1e-9)
+            assert stats["fraction"] == pytest.approx(float((a == 0).mean()))
+            assert 0 < stats["fraction"] < 1
+            dead = [int(c) for c in np.flatnonzero(~(a != 0).any(axis=(0, 2, 3)))]
+            assert layer["dead_channels"] == dead
+
+
+def test_inspect_reports_a_dead_channel(images: list[Path], tmp_path: Path) -> None:
+    spec = tmp_path / "deadnet.toml"
+    spec.write_text(TINY_SPEC.replace('weights = "tiny.npz"', 'weights = "deadnet.npz"'))
+    weights = tiny_weights()
+    weights["conv1.weight"][2] = 0.0
+    weights["conv1.bias"][2] = -1.0  # z = -1 everywhere: channel 2 never fires
+    np.savez(tmp_path / "deadnet.npz", **weights)
+    out = tmp_path / "dead.h5"
+    extract(*map(str, images), "-m", str(spec), "--layers", "conv1", "-o", str(out))
+    with h5py.File(out, "r") as f:
+        z = f["layers/conv1/preactivation"][...]
+        assert np.all(z[:, 2] == np.float32(-1.0))
+        alive = (f["layers/conv1/activation"][...] != 0).any(axis=(0, 2, 3))
+        assert alive.tolist() == [True, True, False, True]  # the other channels do fire
+    data = json.loads(invoke("inspect", str(out), "--json").stdout)
+    assert data["layers"][0]["dead_channels"] == [2]
+    assert "dead channels: 1/4 (2)" in invoke("inspect", str(out)).stdout
+
+
+def test_inspect_shows_saved_input(tiny_model: Path, images: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "in.h5"
+    extract(str(images[0]), "-m", str(tiny_model), "--save-input", "-o", str(out))
+    assert "/input" in invoke("inspect", str(out)).stdout
+    assert json.loads(invoke("inspect", str(out), "--json").stdout)["input_saved"] is True
+
+
+def test_sample_image_default_model(tmp_path: Path) -> None:
+    out = tmp_path / "cat.h5"
+    extract(str(SAMPLES / "cat.jpg"), "-o", str(out))
+    data = json.loads(invoke("inspect", str(out), "--json").stdout)
+    assert data["model_source"] == "builtin:edges"
+    assert data["images"] == [{"path": str(SAMPLES / "cat.jpg"), "original_size": [300, 451]}]
+    assert [layer["shape"] for layer in data["layers"]] == [[1, 16, 112, 112], [1, 16, 56, 56]]

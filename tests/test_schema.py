@@ -1,0 +1,327 @@
+"""The file format contract (schema.SCHEMA), read back with plain h5py, xarray and a bare subprocess."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import SAMPLES, make_photo
+
+from fmap_cli.cli import cli
+from fmap_cli.extract import ExtractOptions, extract
+from fmap_cli.schema import SCHEMA, SCHEMA_VERSION, Attr
+
+MIB = 1 << 20
+ALL_LAYERS = ["conv1", "pool1", "conv2"]
+
+
+def run(images: list[Path], out: Path, **kwargs) -> Path:
+    kwargs.setdefault("device", "cpu")
+    extract(ExtractOptions(images=[str(p) for p in images], out=out, **kwargs))
+    return out
+
+
+@pytest.fixture
+def full_file(tiny_model: Path, images: list[Path], tmp_path: Path) -> Path:
+    """Every layer (incl. pool1, which has no nonlinearity), with /input."""
+    return run(images, tmp_path / "full.h5", model=str(tiny_model), layers=ALL_LAYERS, save_input=True)
+
+
+@pytest.fixture
+def default_file(tiny_model: Path, images: list[Path], tmp_path: Path) -> Path:
+    """Default layers, no /input."""
+    return run(images, tmp_path / "default.h5", model=str(tiny_model))
+
+
+# ---------------------------------------------------------------------------- attribute types
+
+
+def is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def check_attr(attr: Attr, value: object, where: str) -> None:
+    """Check one attribute value against the dtype SCHEMA documents for it."""
+    kind = attr.dtype
+    msg = f"{where}@{attr.name}: {value!r} is not {kind}"
+    if kind == "str":
+        assert is_str(value), msg
+    elif kind == "str (JSON)":
+        assert is_str(value), msg
+        json.loads(value)  # type: ignore[arg-type]
+    elif kind == "str[]":
+        arr = np.asarray(value)
+        assert arr.ndim == 1 and arr.size > 0 and all(is_str(v) for v in arr), msg
+    elif kind in ("int8", "int64"):
+        assert isinstance(value, np.integer) and np.asarray(value).dtype == np.dtype(kind), msg
+        assert np.asarray(value).ndim == 0, msg
+    elif kind.endswith("]"):  # int64[], int64[2], float64[2]
+        base, length = kind[:-1].split("[")
+        arr = np.asarray(value)
+        assert isinstance(value, np.ndarray) and arr.dtype == np.dtype(base) and arr.ndim == 1, msg
+        if length:
+            assert arr.shape == (int(length),), msg
+    else:
+        raise AssertionError(f"test does not know schema dtype {kind!r} ({where}@{attr.name}); extend check_attr")
+
+
+def expand(path: str, layers: list[str]) -> list[str]:
+    return [path.replace("{layer}", name) for name in layers] if "{layer}" in path else [path]
+
+
+@pytest.mark.parametrize("which", ["full_file", "default_file"])
+def test_every_schema_node_and_attribute_is_present_with_its_dtype(which: str, request) -> None:
+    path: Path = request.getfixturevalue(which)
+    with h5py.File(path, "r") as f:
+        stored = list(f.attrs["layers"])
+        assert stored == (ALL_LAYERS if which == "full_file" else ["conv1", "conv2"])
+        assert sorted(f["layers"]) == sorted(stored)
+        n = int(f.attrs["n_images"])
+        assert n == 3
+        checked = 0
+        for node in SCHEMA:
+            for name in expand(node.path, stored):
+                layer_group = f[name.rsplit("/", 1)[0]] if node.path.endswith("/activation") else None
+                if not node.required:
+                    if name in ("/input", "/C", "/H", "/W"):  # the input tensor and its scales
+                        assert (name in f) == (which == "full_file"), name
+                    elif node.path.endswith("/activation"):
+                        assert (name in f) == bool(layer_group.attrs["has_activation"]), name
+                    if name not in f:
+                        continue
+                assert name in f, f"missing {name}"
+                obj = f[name]
+                if node.kind == "group":
+                    assert isinstance(obj, h5py.Group), name
+                else:
+                    assert isinstance(obj, h5py.Dataset), name
+                    ndim = len([part for part in node.shape.strip("()").split(",") if part.strip()])
+                    assert obj.ndim == ndim, (name, obj.shape, node.shape)
+                    if node.shape.startswith("(N"):
+                        assert obj.shape[0] == n, (name, obj.shape, node.shape)
+                    if node.dtype == "str":
+                        assert h5py.check_string_dtype(obj.dtype) is not None, name
+                        assert all(is_str(v) for v in obj.asstr()[...]), name
+                    else:
+                        assert obj.dtype == np.dtype(node.dtype), (name, obj.dtype)
+                for attr in node.attrs:
+                    if attr.name not in obj.attrs:
+                        assert not attr.required, f"{name}: missing required attribute {attr.name}"
+                        continue
+                    check_attr(attr, obj.attrs[attr.name], name)
+                    checked += 1
+        assert checked > 40
+
+
+def test_root_attribute_values(full_file: Path, tiny_model: Path) -> None:
+    with h5py.File(full_file, "r") as f:
+        attrs = f.attrs
+        assert attrs["complete"] == 1 and attrs["complete"].dtype == np.int8
+        assert attrs["fmap_schema_version"] == SCHEMA_VERSION == 1
+        assert isinstance(attrs["fmap_schema_version"], np.integer)
+        created = datetime.fromisoformat(attrs["created"])
+        assert created.utcoffset() == timedelta(0)
+        assert abs(datetime.now(UTC) - created) < timedelta(minutes=10)
+        spec = json.loads(attrs["model_spec"])
+        assert [layer["name"] for layer in spec["layers"]] == ALL_LAYERS
+        assert spec["model"]["name"] == attrs["model_name"] == "tiny"
+        prep = json.loads(attrs["preprocessing"])
+        normalize = [step for step in prep["steps"] if step["step"] == "normalize"]
+        assert normalize == [{"step": "normalize", "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]}]
+        for name in ALL_LAYERS:
+            hyper = json.loads(f["layers"][name].attrs["hyperparameters"])
+            assert hyper["kernel_size"] == ([3, 3] if name.startswith("conv") else [2, 2])
+        glossary = attrs["glossary"].lower()
+        for phrase in ("feature map", "activation map", "pre-activation"):
+            assert phrase in glossary
+        assert attrs["weights_sha256"] == hashlib.sha256(tiny_model.with_suffix(".npz").read_bytes()).hexdigest()
+        assert attrs["n_images"] == 3 and attrs["device"] == "cpu"
+
+
+def test_preactivation_and_activation_attributes(full_file: Path) -> None:
+    with h5py.File(full_file, "r") as f:
+        for name in ("conv1", "conv2"):
+            group = f["layers"][name]
+            z, a = group["preactivation"], group["activation"]
+            assert (z.attrs["role"], z.attrs["symbol"]) == ("preactivation", "z")
+            assert (a.attrs["role"], a.attrs["symbol"]) == ("activation", "a")
+            assert a.attrs["nonlinearity"] == "relu" == group.attrs["nonlinearity"]
+            assert "rectified feature map" in a.attrs["also_known_as"]
+            assert group.attrs["has_activation"] == 1 and group.attrs["has_activation"].dtype == np.int8
+            assert "note" not in group.attrs
+            for ds in (z, a):
+                assert ds.dtype == np.float32
+                assert ds.ndim == 4 and ds.shape[0] == 3
+                assert tuple(ds.shape[1:]) == tuple(group.attrs["output_shape"].tolist())
+                assert ds.attrs["description"] and ds.attrs["long_name"]
+
+
+def test_layer_without_nonlinearity_has_no_activation(full_file: Path) -> None:
+    with h5py.File(full_file, "r") as f:
+        pool = f["layers/pool1"]
+        assert "preactivation" in pool
+        assert "activation" not in pool
+        assert pool.attrs["has_activation"] == 0 and pool.attrs["has_activation"].dtype == np.int8
+        assert pool.attrs["nonlinearity"] == "none"
+        assert "activation" in pool.attrs["note"]
+        assert pool["preactivation"].attrs["role"] == "preactivation"
+
+
+# ---------------------------------------------------------------------------- dimensions, xarray
+
+
+def map_datasets(f: h5py.File) -> list[h5py.Dataset]:
+    found = [f["layers"][name][role] for name in f["layers"] for role in ("preactivation", "activation")
+             if role in f["layers"][name]]  # fmt: skip
+    return found
+
+
+def test_dimension_labels_and_scales(full_file: Path) -> None:
+    with h5py.File(full_file, "r") as f:
+        maps = map_datasets(f)
+        assert len(maps) == 5
+        for ds in maps:
+            assert tuple(d.label for d in ds.dims) == ("N", "C", "H", "W"), ds.name
+            group = ds.parent
+            for axis, scale_name in enumerate(("N", "C", "H", "W")):
+                assert len(ds.dims[axis]) == 1, (ds.name, scale_name)
+                scale = ds.dims[axis][0]
+                expected = f["N"] if scale_name == "N" else group[scale_name]
+                assert scale == expected, (ds.name, scale_name)
+                assert scale[...].tolist() == list(range(ds.shape[axis]))
+        assert tuple(d.label for d in f["input"].dims) == ("N", "C", "H", "W")
+        assert f["images/path"].dims[0].label == "N"
+
+
+@pytest.mark.parametrize("save_input", [False, True], ids=["without-input", "with-input"])
+def test_xarray_reads_named_dims(tiny_model: Path, images: list[Path], tmp_path: Path, save_input: bool) -> None:
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    out = run(images, tmp_path / "x.h5", model=str(tiny_model), save_input=save_input)
+    with h5py.File(out, "r") as f:
+        shape = f["layers/conv1/preactivation"].shape
+        z = f["layers/conv1/preactivation"][...]
+    with xr.open_dataset(out, group="layers/conv1", engine="h5netcdf") as ds:
+        assert {"preactivation", "activation"} <= set(ds.data_vars)
+        for var in ("preactivation", "activation"):
+            assert ds[var].dims == ("N", "C", "H", "W")
+        assert dict(ds.sizes) == dict(zip(("N", "C", "H", "W"), shape, strict=True))
+        assert np.array_equal(ds["preactivation"].values, z)
+
+
+# ---------------------------------------------------------------------------- storage
+
+
+def check_chunks(ds: h5py.Dataset) -> None:
+    assert ds.chunks is not None, ds.name
+    assert ds.chunks[0] == 1, (ds.name, ds.chunks)
+    assert int(np.prod(ds.chunks)) * ds.dtype.itemsize <= MIB, (ds.name, ds.chunks)
+
+
+def test_chunking_and_compression(tmp_path: Path) -> None:
+    # the edges model at 224: conv1 is 16x112x112 float32 = 784 KiB per image, pool1/conv2 196 KiB
+    out = run([SAMPLES / "cat.jpg", SAMPLES / "coffee.png"], tmp_path / "e.h5", layers=ALL_LAYERS, save_input=True)
+    with h5py.File(out, "r") as f:
+        for ds in [*map_datasets(f), f["input"]]:
+            check_chunks(ds)
+        for ds in map_datasets(f):
+            if ds.attrs["role"] == "activation":
+                assert ds.compression == "gzip" and ds.compression_opts == 1, ds.name
+                assert ds.shuffle is False, ds.name
+            else:
+                assert ds.compression is None, ds.name
+                assert not ds.shuffle
+        assert f["layers/conv1/activation"].chunks == (1, 16, 112, 112)
+
+
+def test_chunks_stay_under_1_mib_when_one_channel_is_larger(tiny_model: Path, tmp_path: Path) -> None:
+    """README: 'chunks of one image x a block of channels (at most 1 MiB)'. At 600x600 a single
+    float32 channel is 1.4 MiB, so a chunk must also split H (or W) to keep that promise."""
+    image = tmp_path / "big.png"
+    make_photo(600, 600, seed=3).save(image)
+    out = run([image], tmp_path / "big.h5", model=str(tiny_model), size=(600, 600), layers=ALL_LAYERS, save_input=True)
+    with h5py.File(out, "r") as f:
+        for ds in [*map_datasets(f), f["input"]]:
+            check_chunks(ds)
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def test_image_records_round_trip(tiny_model: Path, images: list[Path], tmp_path: Path) -> None:
+    unicode_dir = tmp_path / "données"
+    unicode_dir.mkdir()
+    odd = unicode_dir / "straße_猫.png"
+    make_photo(33, 21, seed=7).save(odd)
+    given = [str(images[0]), str(odd), str(images[1]), str(images[2])]
+    out = run([Path(p) for p in given], tmp_path / "img.h5", model=str(tiny_model))
+    with h5py.File(out, "r") as f:
+        assert f["images/path"].asstr()[...].tolist() == given
+        assert f["images/original_size"][...].tolist() == [[30, 40], [33, 21], [48, 36], [25, 25]]
+        stored = f["images/sha256"].asstr()[...].tolist()
+        assert stored == [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in given]
+        assert f["N"][...].tolist() == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------------------- documentation of the schema
+
+
+def test_schema_command_lists_every_node_and_attribute() -> None:
+    result = CliRunner().invoke(cli, ["schema"])
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert f"version {SCHEMA_VERSION}" in text
+    for node in SCHEMA:
+        assert f"{node.path}  [" in text, node.path
+        for attr in node.attrs:
+            assert f"@{attr.name} (" in text, attr.name
+
+
+# ---------------------------------------------------------------------------- a reader without fmap
+
+READER = textwrap.dedent(
+    """
+    import sys
+    import h5py
+    import numpy as np
+
+    path = sys.argv[1]
+    with h5py.File(path, "r") as f:
+        assert int(f.attrs["complete"]) == 1
+        pairs = 0
+        for name, group in f["layers"].items():
+            by_symbol = {}
+            for ds in group.values():
+                if isinstance(ds, h5py.Dataset) and "symbol" in ds.attrs:
+                    by_symbol[ds.attrs["symbol"]] = ds
+            z = by_symbol["z"]
+            assert z.attrs["role"] == "preactivation", name
+            if "a" in by_symbol:
+                a = by_symbol["a"]
+                assert a.attrs["role"] == "activation" and a.attrs["nonlinearity"] == "relu", name
+                zv, av = z[...], a[...]
+                assert (zv < 0).any() and not (av < 0).any(), name
+                assert np.array_equal(av, np.maximum(zv, 0)), name
+                pairs += 1
+        print("pairs", pairs)
+    assert "fmap_cli" not in sys.modules, sorted(m for m in sys.modules if m.startswith("fmap"))
+    assert "torch" not in sys.modules
+    """
+)
+
+
+def test_plain_h5py_reader_in_a_subprocess(full_file: Path, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", READER, str(full_file)], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "pairs 2"
