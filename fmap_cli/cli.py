@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import FmapError, UnknownLayerError, UsageError
+from .errors import FmapError, StoppedError, UnknownLayerError, UsageError
 
 
 @contextmanager
@@ -28,6 +28,9 @@ def _errors() -> Iterator[None]:
         yield
     except (UsageError, UnknownLayerError) as exc:
         raise click.UsageError(str(exc)) from None
+    except StoppedError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(128 + exc.signum)
     except FmapError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -116,21 +119,38 @@ def extract(images: tuple[str, ...], out: Path, **options: Any) -> None:
       fmap extract cat.jpg dog.png --layers conv1,conv2 -o maps.h5
       fmap inspect "$(fmap extract cat.jpg -o maps.h5 --overwrite)"
     """
-    with _errors():
-        from .extract import ExtractOptions  # torch loads here, not for --help
-        from .extract import extract as run_extract
+    with _errors(), _signals_recorded() as received:
+        from . import extract as pipeline  # torch loads here, not for --help
 
-        signal.signal(signal.SIGTERM, _terminate)  # a batch scheduler's kill still cleans up
-        result = run_extract(
-            ExtractOptions(images=list(images), out=out, command=shlex.join(sys.argv), **options),
+        result = pipeline.extract(
+            pipeline.ExtractOptions(images=list(images), out=out, command=shlex.join(sys.argv), **options),
             log=lambda message: click.echo(message, err=True),
+            stop_requested=lambda: received[0] if received else None,
         )
     click.echo(f"wrote {result.n_images} images x {len(result.layers)} layers in {result.seconds:.1f} s", err=True)
     click.echo(str(result.out))
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+@contextmanager
+def _signals_recorded() -> Iterator[list[int]]:
+    """Record SIGTERM/SIGINT instead of raising, so extraction stops between batches and cleans up.
+
+    A second signal gets the previous handler (Ctrl-C twice stops at once).
+    """
+    received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def record(signum: int, frame: object) -> None:
+        received.append(signum)
+        signal.signal(signum, previous[signum])
+
+    for sig in previous:
+        signal.signal(sig, record)
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @cli.command()

@@ -27,3 +27,11 @@ class FmapFileError(FmapError):
 
 class VerificationError(FmapError):
     """A stored pair did not satisfy a == f(z) when re-checked."""
+
+
+class StoppedError(FmapError):
+    """The run was stopped by a signal (SIGTERM from a scheduler, SIGINT from Ctrl-C)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum}; no output written")
+        self.signum = signum

@@ -18,7 +18,7 @@ import torch
 
 from . import schema
 from .capture import Tap, capture
-from .errors import UnknownLayerError, UsageError
+from .errors import StoppedError, UnknownLayerError, UsageError
 from .images import Preprocessing, check_image, load_batch
 from .models import load_model
 from .spec import LayerGeometry, LayerSpec, ModelSpec, geometry, load_spec
@@ -139,11 +139,23 @@ def preprocessing_for(spec: ModelSpec, size: tuple[int, int] | None, no_resize: 
     return Preprocessing(crop, spec.input.mean, spec.input.std, resize, spec.input.background)
 
 
-def extract(options: ExtractOptions, log: Callable[[str], None] = lambda message: None) -> ExtractResult:
+def extract(
+    options: ExtractOptions,
+    log: Callable[[str], None] = lambda message: None,
+    stop_requested: Callable[[], int | None] = lambda: None,
+) -> ExtractResult:
     """Run the whole pipeline and write ``options.out``; on any error nothing is left at OUT.
+
+    Args:
+        options: what to extract.
+        log: receives progress messages.
+        stop_requested: polled between batches; a signal number stops the run cleanly. Signal
+            handlers set it instead of raising, because an exception raised asynchronously can
+            be swallowed (inside a weakref callback) or land mid-cleanup.
 
     Raises:
         FmapError: bad model spec, weights, layer names, images or output path.
+        StoppedError: ``stop_requested`` returned a signal number.
     """
     started = time.perf_counter()
     if options.batch_size < 1:
@@ -180,6 +192,7 @@ def extract(options: ExtractOptions, log: Callable[[str], None] = lambda message
         stack.enter_context(_full_float32())
         run = stack.enter_context(capture(net, taps, clone=False))  # SpecNet has no in-place ops
         for start in range(0, len(options.images), options.batch_size):
+            _check(stop_requested)
             batch = load_batch(options.images[start : start + options.batch_size], prep)
             if writer is None:
                 size = (batch.pixels.shape[2], batch.pixels.shape[3])
@@ -206,9 +219,11 @@ def extract(options: ExtractOptions, log: Callable[[str], None] = lambda message
                 pixels=batch.pixels if options.save_input else None,
             )
             log(f"{writer.n_images}/{len(options.images)} images")
+            _check(stop_requested)
         if options.verify and writer is not None:
             verified = verify_pairs(writer.file())
             log(f"verified a == f(z) on {verified} values")
+            _check(stop_requested)
     return ExtractResult(
         out=options.out,
         n_images=len(options.images),
@@ -217,6 +232,12 @@ def extract(options: ExtractOptions, log: Callable[[str], None] = lambda message
         seconds=time.perf_counter() - started,
         values_verified=verified,
     )
+
+
+def _check(stop_requested: Callable[[], int | None]) -> None:
+    signum = stop_requested()
+    if signum is not None:
+        raise StoppedError(signum)
 
 
 @contextmanager

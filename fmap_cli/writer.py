@@ -109,12 +109,11 @@ class MapWriter:
             raise FmapError(f"{self.out}: directory {self.out.parent} does not exist")
         try:
             self._file = h5py.File(self.tmp, "w")
-        except OSError as exc:
-            raise FmapError(f"{self.out}: cannot create output file: {exc}") from None
-        try:
             self._create()
-        except BaseException:
+        except BaseException as exc:  # KeyboardInterrupt included: never leave the temporary file
             self._discard()
+            if isinstance(exc, OSError):
+                raise FmapError(f"{self.out}: cannot create output file: {exc}") from None
             raise
         return self
 
@@ -253,16 +252,18 @@ class MapWriter:
         if self.n_images == 0:
             self._discard()
             raise FmapError(f"{self.out}: no images were written")
-        f.attrs["complete"] = np.int8(1)
-        f.close()
-        self._file = None
         try:
+            f.attrs["complete"] = np.int8(1)
+            f.close()
+            self._file = None
             with open(self.tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             self.tmp.replace(self.out)
-        except OSError as exc:
-            self.tmp.unlink(missing_ok=True)
-            raise FmapError(f"{self.out}: cannot move finished file into place: {exc}") from None
+        except BaseException as exc:
+            self._discard()
+            if isinstance(exc, OSError):
+                raise FmapError(f"{self.out}: cannot move finished file into place: {exc}") from None
+            raise
         _fsync_dir(self.out.parent)
 
     def file(self) -> h5py.File:
