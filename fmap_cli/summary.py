@@ -38,6 +38,7 @@ class LayerSummary:
     type: str
     nonlinearity: str
     input: str
+    input_via: str
     shape: list[int]
     dtype: str
     bytes_on_disk: int
@@ -167,6 +168,7 @@ def _summarise(f: h5py.File, path: str) -> FileSummary:
                 type=_text(group.attrs.get("type", "?")),
                 nonlinearity=_text(group.attrs.get("nonlinearity", "none")),
                 input=_text(group.attrs.get("input", "?")),
+                input_via=_text(group.attrs.get("input_via", "")),
                 shape=list(z.shape),
                 dtype=str(z.dtype),
                 bytes_on_disk=on_disk,
@@ -229,6 +231,7 @@ def format_summary(summary: FileSummary) -> str:
         lines.append(
             f"  {layer.name}  {layer.type} -> {layer.nonlinearity}  {shape} {layer.dtype}  "
             f"{_size(layer.bytes_on_disk)} on disk ({layer.compression_ratio:.2f}x)  input: {layer.input}"
+            + (f" via {layer.input_via}" if layer.input_via else "")
         )
         lines.append(_stats_line("z", schema.PREACTIVATION, layer.preactivation))
         if layer.activation is None:
