@@ -1,91 +1,610 @@
-"""Capture pre-activations z and activations a during a forward pass, with hooks inside a ``with``.
+"""Capture pre-activations z and activations a of any PyTorch model during a forward pass.
 
->>> with capture(model, [Tap("conv1", "conv1", "activations.conv1")]) as run:
-...     maps = run(x)          # {"conv1": LayerMaps(z=(N, C, H, W), a=(N, C, H, W))}
+Layers are found while the model runs, so any eager ``nn.Module`` works, data-dependent control
+flow included (nothing is traced ahead of time). Module hooks give the module path of every call;
+a ``TorchFunctionMode`` sees every operation at container level (``F.relu``, ``torch.relu``,
+``x.relu_()``, ``out += identity``); a ``torch.export`` program is interpreted node by node and
+feeds the same events, with module paths from its ``nn_module_stack`` metadata.
 
-Hooks are removed and the model's train/eval mode restored on exit. The forward pass stops as
-soon as every tap has fired, so asking for an early layer costs only the layers up to it.
+Layer names are module paths as PyTorch prints them (``layer1.0.conv1``); the k-th call of a module
+used several times is ``path#k`` (k >= 2); a functional call inside module ``m`` is ``m:relu``
+(``:relu`` at the top level).
+
+Pairing rule (also in the README and in every file's ``path_to_activation`` attributes):
+
+* linear layer (conv, linear) or any other leaf module: z = its output; a = the output of the first
+  nonlinearity reached by following z through shape-preserving ops (batch norm, residual add,
+  dropout, identity, ...), which are listed in ``path_to_activation``;
+* nonlinearity: z = its input, a = its output;
+* container: a = its output and z = the input of its final nonlinearity, if it ends in one;
+* no nonlinearity reached: z only.
+
+Every captured tensor is cloned at the moment it exists, so later in-place ops (``ReLU(inplace=True)``,
+``+=``) cannot change it.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+
+# Nonlinearities by op name (in-place variants end in "_", aten names end in ".default").
+NONLINEAR_OPS = {
+    "relu", "relu6", "leaky_relu", "elu", "celu", "selu", "gelu", "silu", "hardswish", "hardsigmoid",
+    "mish", "sigmoid", "tanh", "prelu", "softplus", "hardtanh",
+}  # fmt: skip
+NONLINEAR_MODULES = {
+    "ReLU": "relu", "ReLU6": "relu6", "LeakyReLU": "leaky_relu", "ELU": "elu", "CELU": "celu", "SELU": "selu",
+    "GELU": "gelu", "SiLU": "silu", "Hardswish": "hardswish", "Hardsigmoid": "hardsigmoid", "Mish": "mish",
+    "Sigmoid": "sigmoid", "Tanh": "tanh", "PReLU": "prelu", "Softplus": "softplus", "Hardtanh": "hardtanh",
+}  # fmt: skip
+LINEAR_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "linear", "conv_transpose1d", "conv_transpose2d"}
+LINEAR_MODULES = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear")
+# Ops and leaf modules that z flows through on its way to the nonlinearity (shape unchanged).
+PASS_OPS = {
+    "batch_norm", "native_batch_norm_legit_no_training", "instance_norm", "group_norm", "layer_norm",
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "alpha_dropout",
+    "add", "sub", "mul", "div", "contiguous", "clone",
+}  # fmt: skip
+PASS_MODULES = (
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "GroupNorm", "LayerNorm", "InstanceNorm1d",
+    "InstanceNorm2d", "InstanceNorm3d", "LocalResponseNorm", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d",
+    "AlphaDropout", "Identity",
+)  # fmt: skip
+_DUNDER = {"iadd": "add_", "radd": "add", "isub": "sub_", "rsub": "sub", "imul": "mul_", "rmul": "mul",
+           "truediv": "div", "itruediv": "div_"}  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Tap:
-    """Where one layer's maps come from: z is ``z_module``'s output, a is ``a_module``'s output."""
+def op_name(func: Any) -> tuple[str, bool]:
+    """Normalised name of a torch function or aten op, and whether it works in place."""
+    name = getattr(func, "__name__", str(func)).split(".")[0]
+    if name.startswith("__") and name.endswith("__"):
+        name = name[2:-2]
+        name = _DUNDER.get(name, name)
+    name = name.lstrip("_")
+    inplace = name.endswith("_")
+    return (name[:-1] if inplace else name), inplace
 
-    layer: str
-    z_module: str
-    a_module: str | None  # None: no nonlinearity, z only
+
+def module_kind(type_name: str, known: bool, has_children: bool) -> str:
+    """'nonlinearity', 'linear', 'pass' (shape-preserving leaf), 'leaf' or 'container'.
+
+    A module fmap does not know (not from torch.nn) is looked into like a container, so a user's
+    module calling ``F.conv2d`` and ``F.relu`` still gives the right pairs.
+    """
+    if type_name in NONLINEAR_MODULES:
+        return "nonlinearity"
+    if type_name in LINEAR_MODULES:
+        return "linear"
+    if has_children or not known:
+        return "container"
+    return "pass" if type_name in PASS_MODULES else "leaf"
 
 
-@dataclass(frozen=True)
+@dataclass
+class LayerInfo:
+    """What one forward pass tells about a layer (shapes without the batch dimension)."""
+
+    name: str
+    kind: str  # linear, nonlinearity, container, pass, leaf, or "function" kinds: linear/nonlinearity
+    type: str  # module class (Conv2d) or function (relu)
+    module: str  # module path ('' for the top level)
+    hyperparameters: dict[str, Any]
+    output_shape: tuple[int, ...] = ()
+    nonlinearity: str = "none"  # the f with a = f(z), or "none"
+    nonlinearity_params: dict[str, Any] = field(default_factory=dict)
+    path_to_activation: list[str] = field(default_factory=list)
+    receptive_field: tuple[int, int] = (-1, -1)  # input pixels; -1: unknown
+    stride: tuple[int, int] = (-1, -1)
+    start: tuple[float, float] = (float("nan"), float("nan"))
+    input_tags: list[tuple[str, str]] = field(default_factory=list)  # (layer, role) of the input tensor
+    done_at: int = 0  # event index after which nothing more is learnt about this layer
+
+    @property
+    def a_is_f_of_z(self) -> bool:
+        """True when nothing lies between z and a, so a == f(z) can be re-checked from the file."""
+        return self.nonlinearity != "none" and len(self.path_to_activation) <= 1
+
+
+@dataclass
 class LayerMaps:
-    """One batch of one layer's maps, detached, on the model's device."""
+    """One batch of one layer's maps, detached clones on the model's device."""
 
-    z: torch.Tensor  # (N, C, H, W) or (N, F)
-    a: torch.Tensor | None
+    z: torch.Tensor | None = None  # (N, C, H, W) or (N, F)
+    a: torch.Tensor | None = None
 
 
 class _StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
-    """Raised from a hook once every tap has fired: the rest of the network is not needed."""
+    """Raised once every wanted map is captured: the rest of the network is not needed."""
+
+
+class _TensorMap:
+    """A dict keyed by tensor identity that does not keep tensors alive."""
+
+    def __init__(self) -> None:
+        self._items: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
+
+    def get(self, t: Any, default: Any = None) -> Any:
+        item = self._items.get(id(t))
+        return item[1] if item is not None and item[0]() is t else default
+
+    def set(self, t: torch.Tensor, value: Any) -> None:
+        self._items[id(t)] = (weakref.ref(t), value)
+
+
+@dataclass
+class _Scope:
+    name: str
+    path: str
+    kind: str
+    type: str
+    x: torch.Tensor | None  # the module's input (a copy for a wanted nonlinearity)
+    x_lineage: dict[str, list[str]] = field(default_factory=dict)  # read before the module ran
+    last_nonlinearity: tuple[str, torch.Tensor | None, Any] | None = None  # (name, input clone, output)
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, list | tuple):
+        for item in value:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _pair(value: Any, default: int) -> tuple[int, int]:
+    if value is None or (isinstance(value, list | tuple) and len(value) == 0):
+        return (default, default)
+    if isinstance(value, int):
+        return (value, value)
+    values = [int(v) for v in value]
+    return (values[-2], values[-1]) if len(values) >= 2 else (values[0], values[0])
+
+
+def _arg(args: Sequence[Any], kwargs: dict[str, Any], index: int, key: str, default: Any = None) -> Any:
+    if key in kwargs:
+        return kwargs[key]
+    return args[index] if len(args) > index else default
+
+
+Geo = tuple[float, float, float, float, float, float]  # rf_h, rf_w, jump_h, jump_w, start_h, start_w
+
+
+def _window_geo(name: str, args: Sequence[Any], kwargs: dict[str, Any], geo: Geo) -> Geo | None:
+    """Receptive-field update for a convolution or pooling window; None if not one."""
+    if name in ("conv2d", "convolution") and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        if name == "convolution" and _arg(args, kwargs, 6, "transposed", False):
+            return None
+        kernel = tuple(args[1].shape[2:])
+        stride, dilation = _pair(_arg(args, kwargs, 3, "stride"), 1), _pair(_arg(args, kwargs, 5, "dilation"), 1)
+        padding_arg = _arg(args, kwargs, 4, "padding", 0)
+        if padding_arg == "same":
+            padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
+        else:
+            padding = (0, 0) if padding_arg == "valid" else _pair(padding_arg, 0)
+    elif name in ("max_pool2d", "avg_pool2d", "max_pool2d_with_indices"):
+        kernel = _pair(_arg(args, kwargs, 1, "kernel_size"), 1)
+        stride = _pair(_arg(args, kwargs, 2, "stride"), 0)
+        stride = kernel if stride == (0, 0) else stride
+        padding = _pair(_arg(args, kwargs, 3, "padding"), 0)
+        dilation = _pair(_arg(args, kwargs, 4, "dilation"), 1) if name != "avg_pool2d" else (1, 1)
+    else:
+        return None
+    rf, jump, start = list(geo[0:2]), list(geo[2:4]), list(geo[4:6])
+    for axis in (0, 1):
+        k_eff = dilation[axis] * (kernel[axis] - 1) + 1
+        start[axis] += ((k_eff - 1) / 2 - padding[axis]) * jump[axis]
+        rf[axis] += (k_eff - 1) * jump[axis]
+        jump[axis] *= stride[axis]
+    return (rf[0], rf[1], jump[0], jump[1], start[0], start[1])
+
+
+class Recorder:
+    """Receives the events of one forward pass and turns them into layers and captured maps.
+
+    Event sources call :meth:`enter` / :meth:`exit` around each module call and :meth:`op` for
+    each operation, which the recorder runs itself so it can copy an input before an in-place op.
+    """
+
+    def __init__(self, wanted: set[str] | None, stop_at: int | None = None, image_size: tuple[int, int] = (0, 0)):
+        self.wanted = wanted  # None: discovery (describe every layer, keep no data)
+        self.stop_at = stop_at
+        self.image_size = image_size
+        self.layers: dict[str, LayerInfo] = {}
+        self.maps: dict[str, LayerMaps] = {}
+        self.events = 0
+        self._scopes = [_Scope("", "", "container", "", None)]  # the model itself; not a layer
+        self._calls: dict[str, int] = {}
+        self._lineage = _TensorMap()  # tensor -> {origin layer: labels between its z and this tensor}
+        self._resolved: set[str] = set()
+        self._geo = _TensorMap()  # tensor -> receptive-field geometry
+        self._tags = _TensorMap()  # tensor -> [(layer, role)] for the provenance of inputs
+        self._inside_leaf = 0  # > 0 inside a leaf module, whose own ops are not layers
+
+    def start(self, x: torch.Tensor) -> None:
+        """The model's input tensor."""
+        self._geo.set(x, (1.0, 1.0, 1.0, 1.0, 0.0, 0.0))
+        self._tags.set(x, [("input", "input")])
+
+    # ----------------------------------------------------------------------------- events
+    def enter(self, path: str, type_: str, kind: str, x: torch.Tensor | None, hyper: dict[str, Any]) -> None:
+        """A module call begins; ``x`` is its first tensor input."""
+        self._tick()
+        name = self._name(path)
+        scope = _Scope(name, path, kind, type_, x, self._lineage.get(x, {}))
+        self._scopes.append(scope)
+        if kind != "container":
+            self._inside_leaf += 1
+        info = self._new_layer(name, kind, type_, path, hyper, x)
+        if kind == "nonlinearity":
+            info.nonlinearity = NONLINEAR_MODULES.get(type_, type_.lower())
+            info.nonlinearity_params = hyper.get("params", {})
+            info.path_to_activation = [name]
+            scope.x = self._keep_input(name, x)
+
+    def exit(self, output: Any) -> None:
+        """The innermost module call returned ``output``."""
+        scope = self._scopes.pop()
+        if scope.kind != "container":
+            self._inside_leaf -= 1
+        out = _first_tensor(output)
+        info = self.layers[scope.name]
+        self._touch(info)
+        if out is not None:
+            info.output_shape = tuple(out.shape[1:])
+            self._set_geometry(info, out)
+            if scope.kind == "nonlinearity":
+                self._nonlinearity(info, scope.x_lineage, scope.x, out)
+            elif scope.kind == "container":
+                self._finish_container(info, scope, out)
+            else:  # linear, pass or other leaf: its output is z
+                if scope.kind == "pass" and scope.x is not None:
+                    self._propagate(scope.x_lineage, scope.x, out, scope.name)
+                self._start_lineage(info, out)
+        self._tick()
+
+    def op(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any], run: Callable[[], Any]) -> Any:
+        """An operation: run it, record what it means for the layers, and return its result."""
+        name, _ = op_name(func)
+        x = _first_tensor(args)
+        geo_in = self._geo.get(x) if x is not None else None
+        lineage = self._lineage.get(x, {}) if x is not None else {}
+        container_op = not self._inside_leaf and x is not None
+        layer = None
+        if container_op and (name in NONLINEAR_OPS or name in LINEAR_OPS):
+            layer = self._name(f"{self._scopes[-1].path}:{name}")
+            kind = "nonlinearity" if name in NONLINEAR_OPS else "linear"
+            params = _scalar_params(args, kwargs)
+            info = self._new_layer(layer, kind, name, self._scopes[-1].path, {"params": params}, x)
+            if kind == "nonlinearity":
+                info.nonlinearity, info.nonlinearity_params, info.path_to_activation = name, params, [layer]
+                x = self._keep_input(layer, x)  # before an in-place op overwrites it
+        result = run()
+        out = _first_tensor(result)
+        self._op_geometry(name, args, kwargs, x, geo_in, out)
+        if container_op and out is not None and x is not None:
+            if layer is None:
+                if name in PASS_OPS:
+                    others = [a for a in args[1:] if isinstance(a, torch.Tensor) and a.dim() > 0]
+                    label = f"{name}(+{self._describe(others[0])})" if others else name
+                    self._propagate(lineage, x, out, label)
+            else:
+                info = self.layers[layer]
+                info.output_shape = tuple(out.shape[1:])
+                self._set_geometry(info, out)
+                if info.kind == "nonlinearity":
+                    self._nonlinearity(info, lineage, x, out)
+                else:
+                    self._start_lineage(info, out)
+        self._tick()
+        return result
+
+    # ----------------------------------------------------------------------------- rules
+    def _nonlinearity(
+        self, info: LayerInfo, lineage: dict[str, list[str]], x: torch.Tensor | None, out: torch.Tensor
+    ) -> None:
+        """f ran on x (lineage read before it ran): every layer whose z reaches x gets a = out."""
+        for origin, path in lineage.items():
+            if origin in self._resolved:
+                continue
+            self._resolved.add(origin)
+            source = self.layers[origin]
+            source.nonlinearity, source.nonlinearity_params = info.nonlinearity, info.nonlinearity_params
+            source.path_to_activation = [*path, info.name]
+            self._touch(source)
+            self._store(origin, "a", out)
+            self._tag(out, origin, "activation")
+        self._store(info.name, "z", x, copy=False)  # x is already a copy when this layer is wanted
+        self._store(info.name, "a", out)
+        self._tag(out, info.name, "activation")
+        for scope in self._scopes:
+            if scope.kind == "container":
+                scope.last_nonlinearity = (info.name, x, out)
+
+    def _start_lineage(self, info: LayerInfo, z: torch.Tensor) -> None:
+        self._tag(z, info.name, "preactivation")
+        self._lineage.set(z, {**self._lineage.get(z, {}), info.name: []})
+        self._store(info.name, "z", z)
+
+    def _propagate(self, lineage: dict[str, list[str]], x: torch.Tensor, out: torch.Tensor, label: str) -> None:
+        live = {origin: path for origin, path in lineage.items() if origin not in self._resolved}
+        if not live or out.shape != x.shape:
+            return
+        merged = dict(self._lineage.get(out, {})) if out is not x else {}
+        for origin, path in live.items():
+            merged[origin] = [*path, label]
+            self._touch(self.layers[origin])
+        self._lineage.set(out, merged)
+
+    def _finish_container(self, info: LayerInfo, scope: _Scope, out: torch.Tensor) -> None:
+        last = scope.last_nonlinearity
+        if last is not None and last[2] is out:  # ends in a nonlinearity: z is that one's input
+            final = self.layers[last[0]]
+            info.nonlinearity, info.nonlinearity_params = final.nonlinearity, final.nonlinearity_params
+            info.path_to_activation = [last[0]]
+            self._store(info.name, "z", last[1], copy=False)
+            self._store(info.name, "a", out)
+            self._tag(out, info.name, "activation")
+        else:
+            self._store(info.name, "z", out)
+            self._tag(out, info.name, "preactivation")
+
+    # ----------------------------------------------------------------------------- helpers
+    def _wants(self, name: str) -> bool:
+        return self.wanted is not None and name in self.wanted
+
+    def _keep_input(self, name: str, x: torch.Tensor | None) -> torch.Tensor | None:
+        """A copy of a nonlinearity's input when this layer or an enclosing container needs it."""
+        needed = self._wants(name) or any(s.kind == "container" and self._wants(s.name) for s in self._scopes)
+        return x.detach().clone() if x is not None and needed else x
+
+    def _store(self, name: str, role: str, t: torch.Tensor | None, copy: bool = True) -> None:
+        if t is None or not self._wants(name):
+            return
+        maps = self.maps.setdefault(name, LayerMaps())
+        setattr(maps, role, t.detach().clone() if copy else t)
+
+    def _name(self, base: str) -> str:
+        count = self._calls.get(base, 0) + 1
+        self._calls[base] = count
+        return base if count == 1 else f"{base}#{count}"
+
+    def _new_layer(
+        self, name: str, kind: str, type_: str, module: str, hyper: dict[str, Any], x: torch.Tensor | None
+    ) -> LayerInfo:
+        tags = list(self._tags.get(x, [])) if x is not None else []
+        info = LayerInfo(name, kind, type_, module, hyper, input_tags=tags)
+        self.layers[name] = info
+        self._touch(info)
+        return info
+
+    def _touch(self, info: LayerInfo) -> None:
+        info.done_at = self.events
+
+    def _tag(self, t: torch.Tensor, name: str, role: str) -> None:
+        self._tags.set(t, [*self._tags.get(t, []), (name, role)])
+
+    def _describe(self, t: torch.Tensor) -> str:
+        tags = self._tags.get(t, [])
+        return tags[-1][0] if tags else "tensor"
+
+    def _set_geometry(self, info: LayerInfo, t: torch.Tensor) -> None:
+        geo = self._geo.get(t)
+        if t.dim() != 4:  # flat features: every unit sees the whole image
+            h, w = self.image_size
+            info.receptive_field, info.stride, info.start = (h, w), (0, 0), ((h - 1) / 2, (w - 1) / 2)
+        elif geo is not None:
+            info.receptive_field = (round(geo[0]), round(geo[1]))
+            info.stride = (round(geo[2]), round(geo[3]))
+            info.start = (geo[4], geo[5])
+
+    def _op_geometry(
+        self, name: str, args: Sequence[Any], kwargs: dict[str, Any], x: Any, geo_in: Geo | None, out: Any
+    ) -> None:
+        if out is None or out.dim() != 4 or geo_in is None or x is None or x.dim() != 4:
+            return
+        new = _window_geo(name, args, kwargs, geo_in)
+        if new is None and out.shape[-2:] == x.shape[-2:]:  # elementwise: the widest input's field
+            others = [g for g in (self._geo.get(a) for a in args[1:] if isinstance(a, torch.Tensor)) if g]
+            new = (max([geo_in[0], *(g[0] for g in others)]), max([geo_in[1], *(g[1] for g in others)]), *geo_in[2:])
+        if new is not None:
+            self._geo.set(out, new)
+
+    def _tick(self) -> None:
+        self.events += 1
+        if self.stop_at is not None and self.events >= self.stop_at:
+            raise _StopForward
+
+
+def _scalar_params(args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The plain-number arguments of a functional call (e.g. leaky_relu's negative_slope)."""
+    params: dict[str, Any] = {k: v for k, v in kwargs.items() if isinstance(v, int | float | str) and k != "inplace"}
+    numbers = [a for a in args[1:] if isinstance(a, int | float) and not isinstance(a, bool)]
+    if numbers:
+        params["args"] = numbers
+    return params
+
+
+def _module_params(module: nn.Module) -> dict[str, Any]:
+    """Plain attributes of a module (negative_slope, eps, ...), for the file and for --verify."""
+    skip = {"training", "inplace"}
+    return {
+        k: v
+        for k, v in vars(module).items()
+        if not k.startswith("_") and k not in skip and isinstance(v, int | float | str | bool)
+    }
+
+
+def _eager_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+        return "linear"
+    type_name = type(module).__name__
+    if isinstance(module, tuple(getattr(nn, n) for n in NONLINEAR_MODULES)):
+        type_name = next(n for n in NONLINEAR_MODULES if isinstance(module, getattr(nn, n)))
+    known = type(module).__module__.startswith("torch.nn")
+    return module_kind(type_name, known, any(True for _ in module.children()))
+
+
+class _OpEvents(TorchFunctionMode):
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        return self.recorder.op(func, args, kwargs, lambda: func(*args, **kwargs))
+
+
+@contextmanager
+def _eager_events(model: nn.Module, recorder: Recorder) -> Iterator[None]:
+    """Feed ``recorder`` with module and op events of ``model``; hooks are removed on exit."""
+    handles = []
+    for path, module in model.named_modules():
+        if not path:
+            continue
+        kind = _eager_kind(module)
+        type_name = type(module).__name__
+        hyper = {"module": type_name, "extra_repr": module.extra_repr(), "params": _module_params(module)}
+
+        def pre(mod: nn.Module, args: Any, kwargs: Any, path: str = path, kind: str = kind, t: str = type_name,
+                hyper: dict[str, Any] = hyper) -> None:  # fmt: skip
+            recorder.enter(path, t, kind, _first_tensor((args, kwargs)), hyper)
+
+        def post(mod: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            recorder.exit(output)
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(post, with_kwargs=True))
+    try:
+        with _OpEvents(recorder):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _ExportedEvents(torch.fx.Interpreter):
+    """Runs a ``torch.export`` program node by node, feeding the same events as an eager model."""
+
+    def __init__(self, module: torch.fx.GraphModule, recorder: Recorder) -> None:
+        super().__init__(module)
+        self.recorder = recorder
+        self.stack: list[tuple[str, str, str]] = []  # (key, path, type) of the open module calls
+        self.last: Any = None
+        stacks = [list(_stack(n)) for n in module.graph.nodes if n.op == "call_function"]
+        self.containers = {entry[1] for s in stacks for entry in s[:-1]}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.op == "output":
+            self._sync([], None)
+        if n.op != "call_function":
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        self._sync(list(_stack(n)), _first_tensor((args, kwargs)))
+        self.last = self.recorder.op(n.target, args, kwargs, lambda: n.target(*args, **kwargs))
+        return self.last
+
+    def _sync(self, stack: list[tuple[str, str, str]], x: torch.Tensor | None) -> None:
+        common = 0
+        while common < min(len(stack), len(self.stack)) and stack[common][0] == self.stack[common][0]:
+            common += 1
+        while len(self.stack) > common:
+            self.stack.pop()
+            self.recorder.exit(self.last)
+        for key, path, type_str in stack[common:]:
+            type_name = type_str.rsplit(".", 1)[-1]
+            known = type_str.startswith("torch.nn.")
+            kind = module_kind(type_name, known, path in self.containers)
+            self.recorder.enter(path, type_name, kind, x, {"module": type_name})
+            self.stack.append((key, path, type_str))
+
+
+def _stack(n: torch.fx.Node) -> Iterator[tuple[str, str, str]]:
+    for key, (path, type_str) in (n.meta.get("nn_module_stack") or {}).items():
+        if path:  # the root module is not a layer
+            yield key, path, type_str if isinstance(type_str, str) else f"{type_str.__module__}.{type_str.__name__}"
+
+
+def is_exported(model: nn.Module) -> bool:
+    """True for the module of a loaded ``torch.export`` program (see ``models.load_exported``)."""
+    return bool(getattr(model, "fmap_exported", False))
+
+
+def _forward(model: nn.Module, x: torch.Tensor, recorder: Recorder) -> None:
+    recorder.start(x)
+    try:
+        with torch.inference_mode():
+            if is_exported(model):
+                _ExportedEvents(model, recorder).run(x)
+            else:
+                with _eager_events(model, recorder):
+                    model(x)
+    except _StopForward:
+        pass
+
+
+@contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def discover(model: nn.Module, x: torch.Tensor) -> dict[str, LayerInfo]:
+    """Run ``x`` through ``model`` once and describe every layer, in the order they ran.
+
+    >>> layers = discover(resnet, torch.zeros(1, 3, 224, 224))
+    >>> layers["layer1.0.conv2"].path_to_activation
+    ['layer1.0.bn2', 'add(+maxpool)', 'layer1.0.relu#2']
+    """
+    recorder = Recorder(None, image_size=(x.shape[-2], x.shape[-1]))
+    with _eval(model):
+        _forward(model, x, recorder)
+    return recorder.layers
 
 
 @contextmanager
 def capture(
-    model: nn.Module, taps: Sequence[Tap], clone: bool = True
+    model: nn.Module, layers: dict[str, LayerInfo], names: Sequence[str]
 ) -> Iterator[Callable[[torch.Tensor], dict[str, LayerMaps]]]:
-    """Register hooks for ``taps`` and yield ``run(x) -> {layer: LayerMaps}``.
+    """Yield ``run(x) -> {name: LayerMaps}`` for the layers ``names`` (described by :func:`discover`).
 
-    Args:
-        model: the network; left as it was found (hooks removed, train/eval mode restored).
-        taps: the layers to capture.
-        clone: copy each captured output. Needed whenever a later op may be in-place
-            (``ReLU(inplace=True)``, ``+=``) and would overwrite the stored z; a model known
-            to have no in-place ops can skip the copy, which halves the memory traffic of
-            small networks.
+    The forward pass stops as soon as the last wanted map exists, so an early layer costs only
+    the layers up to it. If a model takes another path through its code than in ``discover`` and a
+    map is missing at that point, the batch is run again in full.
     """
-    modules = dict(model.named_modules())
-    wanted: dict[str, list[tuple[str, str]]] = {}  # module path -> [(layer, "z" | "a")]
-    for tap in taps:
-        wanted.setdefault(tap.z_module, []).append((tap.layer, "z"))
-        if tap.a_module is not None:
-            wanted.setdefault(tap.a_module, []).append((tap.layer, "a"))
-    expected = sum(len(v) for v in wanted.values())
-    store: dict[tuple[str, str], torch.Tensor] = {}
-
-    def hook_for(path: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
-            for key in wanted[path]:
-                store[key] = output.detach().clone() if clone else output.detach()
-            if len(store) == expected:
-                raise _StopForward
-
-        return hook
-
-    was_training = model.training
-    handles = [modules[path].register_forward_hook(hook_for(path)) for path in wanted]
+    wanted = set(names)
+    stop_at: int | None = max(layers[name].done_at for name in names) + 1
 
     def run(x: torch.Tensor) -> dict[str, LayerMaps]:
-        store.clear()
-        try:
-            with torch.inference_mode():
-                model(x)
-        except _StopForward:
-            pass
-        return {tap.layer: LayerMaps(store[(tap.layer, "z")], store.get((tap.layer, "a"))) for tap in taps}
+        nonlocal stop_at
+        recorder = Recorder(wanted, stop_at, image_size=(x.shape[-2], x.shape[-1]))
+        _forward(model, x, recorder)
+        if stop_at is not None and not _complete(recorder.maps, layers, names):
+            stop_at = None
+            recorder = Recorder(wanted, None, image_size=(x.shape[-2], x.shape[-1]))
+            _forward(model, x, recorder)
+        return recorder.maps
 
-    model.eval()
-    try:
+    with _eval(model):
         yield run
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+
+
+def _complete(maps: dict[str, LayerMaps], layers: dict[str, LayerInfo], names: Sequence[str]) -> bool:
+    for name in names:
+        got = maps.get(name)
+        if got is None or got.z is None or (layers[name].nonlinearity != "none" and got.a is None):
+            return False
+    return True

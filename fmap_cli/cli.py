@@ -10,7 +10,7 @@ import json
 import shlex
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -62,12 +62,34 @@ def _split_layers(ctx: click.Context, param: click.Parameter, value: str | None)
     return list(dict.fromkeys(names))
 
 
-model_option = click.option(
-    "-m",
-    "--model",
-    metavar="NAME|SPEC",
-    help="Built-in model name (see 'fmap models') or a .toml/.json spec file. Default: edges.",
-)
+def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--model, --weights and --model-arg, shared by the commands that load a model."""
+    options = [
+        click.option(
+            "-m",
+            "--model",
+            metavar="MODEL",
+            help="Built-in name (see 'fmap models'), a .toml/.json spec, a .pt2 torch.export program, "
+            "package.module:factory, file.py:factory, torchvision:NAME or timm:NAME. Default: edges.",
+        ),
+        click.option(
+            "-w",
+            "--weights",
+            metavar="PATH|pretrained",
+            help="State dict (.pt/.pth/.npz/.safetensors) for a factory, torchvision or timm model; "
+            "'pretrained' for the library's own weights.",
+        ),
+        click.option(
+            "--model-arg",
+            "model_args",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Keyword argument for the model factory (repeatable; VALUE parsed as JSON when it can be).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,7 +105,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=str))
-@model_option
+@model_options
 @click.option(
     "-l",
     "--layers",
@@ -121,9 +143,13 @@ def extract(images: tuple[str, ...], out: Path, **options: Any) -> None:
     """
     with _errors(), _signals_recorded() as received:
         from . import extract as pipeline  # torch loads here, not for --help
+        from .models import parse_model_args
 
+        model_args = parse_model_args(options.pop("model_args"))
         result = pipeline.extract(
-            pipeline.ExtractOptions(images=list(images), out=out, command=shlex.join(sys.argv), **options),
+            pipeline.ExtractOptions(
+                images=list(images), out=out, model_args=model_args, command=shlex.join(sys.argv), **options
+            ),
             log=lambda message: click.echo(message, err=True),
             stop_requested=lambda: received[0] if received else None,
         )
@@ -171,25 +197,37 @@ def inspect(file: Path, as_json: bool) -> None:
 
 
 @cli.command()
-@model_option
+@model_options
 @click.option("--size", type=SizeType(), help="Input size N or H,W for the shapes (default: the model's).")
-def layers(model: str | None, size: tuple[int, int] | None) -> None:
-    """List the layers --layers accepts, with type, output shape, activation and receptive field.
+@click.option("-l", "--layers", "patterns", callback=_split_layers, metavar="L1,L2", help="Only these names or globs.")
+def layers(
+    model: str | None, weights: str | None, model_args: tuple[str, ...], size: tuple[int, int] | None,
+    patterns: list[str] | None,
+) -> None:  # fmt: skip
+    """List the layers --layers accepts: type, output shape, the nonlinearity each pairs with
+    (and what lies between z and a), receptive field and stride in input pixels.
 
     \b
       fmap layers
       fmap layers --model my_model.toml --size 128
+      fmap layers --model torchvision:resnet18 --layers 'layer1.*'
     """
-    from .spec import geometry, load_spec
-
     with _errors():
-        spec = load_spec(model)
-        rows = geometry(spec, size)
-    click.echo(f"{'layer':<12} {'type':<12} {'output (C,H,W)':<16} {'activation':<11} receptive field / stride")
-    for layer, geo in zip(spec.layers, rows, strict=True):
-        shape = "x".join(str(n) for n in geo.output_shape)
-        rf = f"{geo.receptive_field[0]}x{geo.receptive_field[1]} / {geo.stride[0]}x{geo.stride[1]}"
-        click.echo(f"{layer.name:<12} {layer.type:<12} {shape:<16} {layer.activation:<11} {rf}")
+        from . import extract as pipeline  # runs one blank image through the model
+        from .models import load_model, parse_model_args
+
+        loaded = load_model(model, weights, parse_model_args(model_args))
+        found = pipeline.describe_layers(loaded, size)
+        keep = pipeline.select_layers(found, patterns, loaded) if patterns else loaded.selectable or list(found)
+        found = {name: found[name] for name in keep}
+    width = max([5, *(len(name) for name in found)])
+    click.echo(f"{'layer':<{width}}  {'type':<16} {'output':<14} {'rf':<9} {'stride':<7} {'f':<10} z -> a")
+    for name, info in found.items():
+        shape = "x".join(str(n) for n in info.output_shape)
+        rf = "?" if info.receptive_field[0] < 0 else "x".join(str(n) for n in info.receptive_field)
+        stride = "?" if info.stride[0] < 0 else "x".join(str(n) for n in info.stride)
+        path = " -> ".join(info.path_to_activation)
+        click.echo(f"{name:<{width}}  {info.type:<16} {shape:<14} {rf:<9} {stride:<7} {info.nonlinearity:<10} {path}")
 
 
 @cli.command()

@@ -5,8 +5,12 @@ class FmapError(Exception):
     """Base class: something fmap cannot do with what it was given; ``str()`` is the user's message."""
 
 
-class SpecError(FmapError):
-    """A model spec or weights file is invalid (names the file, the layer and the key)."""
+class ModelError(FmapError):
+    """A model or its weights cannot be loaded (names the file or source and the reason)."""
+
+
+class SpecError(ModelError):
+    """A model spec file is invalid (names the file, the layer and the key)."""
 
 
 class ImageError(FmapError):

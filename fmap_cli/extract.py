@@ -6,22 +6,24 @@ This is the only module that knows every stage; each stage lives in its own modu
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import schema
-from .capture import Tap, capture
-from .errors import StoppedError, UnknownLayerError, UsageError
+from .capture import LayerInfo, capture, discover
+from .errors import ModelError, StoppedError, UnknownLayerError, UsageError
 from .images import Preprocessing, check_image, load_batch
-from .models import load_model
-from .spec import LayerGeometry, LayerSpec, ModelSpec, geometry, load_spec
+from .models import LoadedModel, first_line, load_model
+from .spec import InputSpec, geometry
 from .verify import verify_pairs
 from .writer import LayerRecord, MapWriter
 
@@ -32,13 +34,15 @@ class ExtractOptions:
 
     images: Sequence[str]
     out: Path
-    model: str | None = None  # built-in name or spec path; None = the default model
-    layers: Sequence[str] | None = None  # None = every layer with a nonlinearity
+    model: str | None = None  # see models.load_model; None = the default built-in model
+    weights: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+    layers: Sequence[str] | None = None  # names or globs; None = every linear layer paired with a nonlinearity
     batch_size: int = 16
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     save_input: bool = False
     overwrite: bool = False
-    size: tuple[int, int] | None = None  # overrides the spec's input size
+    size: tuple[int, int] | None = None  # overrides the model's input size
     no_resize: bool = False
     verify: bool = False
     command: str = ""
@@ -56,27 +60,37 @@ class ExtractResult:
     values_verified: int
 
 
-def select_layers(spec: ModelSpec, names: Sequence[str] | None) -> list[LayerSpec]:
-    """The requested layers in forward order; None selects every layer with a nonlinearity.
+def select_layers(layers: dict[str, LayerInfo], requested: Sequence[str] | None, model: LoadedModel) -> list[str]:
+    """Names of the layers to store, in forward order.
+
+    ``requested`` holds names or shell-style globs (``layer*.*.conv2``); None selects every
+    linear layer (conv, linear) that is paired with a nonlinearity.
 
     Raises:
-        UnknownLayerError: a name is not in the model; lists the names and suggests the closest.
+        UnknownLayerError: a name or glob matches nothing; lists names and suggests the closest.
     """
-    available = [layer.name for layer in spec.layers]
-    if names is None:
-        chosen = [layer for layer in spec.layers if layer.has_activation]
+    selectable = [name for name in layers if model.selectable is None or name in model.selectable]
+    if requested is None:
+        chosen = [n for n in selectable if layers[n].kind == "linear" and layers[n].nonlinearity != "none"]
         if not chosen:
-            raise UnknownLayerError(f"model '{spec.name}' has no layer with a nonlinearity; name layers with --layers")
-        return chosen
-    for name in names:
-        if name not in available:
-            hint = difflib.get_close_matches(name, available, n=1)
-            extra = f"did you mean '{hint[0]}'? " if hint else ""
             raise UnknownLayerError(
-                f"--layers: no layer '{name}' in model '{spec.name}'; {extra}available: {', '.join(available)}"
+                f"model '{model.name}' has no conv/linear layer followed by a nonlinearity; name layers with --layers"
             )
-    wanted = set(names)
-    return [layer for layer in spec.layers if layer.name in wanted]
+        return chosen
+    wanted: set[str] = set()
+    for pattern in requested:
+        matches = fnmatch.filter(selectable, pattern) if any(c in pattern for c in "*?[") else [pattern]
+        matches = [m for m in matches if m in layers and m in selectable]
+        if not matches:
+            hint = difflib.get_close_matches(pattern, selectable, n=1)
+            extra = f"did you mean '{hint[0]}'? " if hint else ""
+            shown = ", ".join(selectable[:30]) + (", ..." if len(selectable) > 30 else "")
+            raise UnknownLayerError(
+                f"--layers: no layer '{pattern}' in model '{model.name}'; {extra}available: {shown} "
+                f"(run 'fmap layers --model {model.source}' for the full list)"
+            )
+        wanted.update(matches)
+    return [name for name in selectable if name in wanted]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,49 +108,89 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def layer_records(spec: ModelSpec, geo: Sequence[LayerGeometry], chosen: Sequence[LayerSpec]) -> list[LayerRecord]:
-    """The per-layer metadata the file records, for the chosen layers.
+def provenance(layers: dict[str, LayerInfo], name: str, stored: set[str]) -> tuple[str, str]:
+    """(input, input_via): the nearest stored dataset (or 'input') upstream of a layer, and the
+    unstored layers between them."""
+    via: list[str] = []
+    tags = layers[name].input_tags
+    while tags:
+        for layer, role in reversed(tags):
+            if layer == "input":
+                return schema.INPUT, " -> ".join(via)
+            if layer in stored:
+                dataset = schema.ACTIVATION if role == "activation" else schema.PREACTIVATION
+                return f"/{schema.LAYERS}/{layer}/{dataset}", " -> ".join(via)
+        producer = tags[-1][0]
+        via.insert(0, producer)
+        tags = layers[producer].input_tags if producer in layers else []
+    return "unknown", " -> ".join(via)
 
-    A layer's ``input`` is the nearest stored dataset upstream (or the image tensor) and
-    ``input_via`` the unstored layers in between, so the provenance never names a missing dataset.
-    """
-    stored = {layer.name for layer in chosen}
+
+def layer_records(model: LoadedModel, layers: dict[str, LayerInfo], names: Sequence[str]) -> list[LayerRecord]:
+    """The per-layer metadata the file records, for the chosen layers."""
+    stored = set(names)
+    visible = set(model.selectable) if model.selectable is not None else set(layers)
     records = []
-    source, via = schema.INPUT, []
-    for layer, g in zip(spec.layers, geo, strict=True):
-        if layer.name in stored:
+    for name in names:
+        info = layers[name]
+        source, via = provenance(layers, name, stored)
+        via = " -> ".join(v for v in via.split(" -> ") if v in visible) if via else ""
+        if model.spec is not None:
+            layer = model.spec.layer(name)
+            layer_type = layer.type
             hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in layer.params.items()}
-            if layer.activation == "leaky_relu":
-                hyper["negative_slope"] = layer.negative_slope
-            records.append(
-                LayerRecord(
-                    name=layer.name,
-                    type=layer.type,
-                    hyperparameters=hyper,
-                    input=source,
-                    input_via=" -> ".join(via),
-                    nonlinearity=layer.activation,
-                    output_shape=g.output_shape,
-                    receptive_field=g.receptive_field,
-                    receptive_field_stride=g.stride,
-                    receptive_field_start=g.start,
-                    channel_descriptions=layer.channel_descriptions,
-                )
-            )
-            role = schema.ACTIVATION if layer.has_activation else schema.PREACTIVATION
-            source, via = f"/{schema.LAYERS}/{layer.name}/{role}", []
+            descriptions = layer.channel_descriptions
         else:
-            via.append(layer.name)
+            layer_type, hyper, descriptions = info.type, info.hyperparameters, ()
+        records.append(
+            LayerRecord(
+                name=name,
+                type=layer_type,
+                hyperparameters=hyper,
+                input=source,
+                input_via=via,
+                nonlinearity=info.nonlinearity,
+                nonlinearity_params=info.nonlinearity_params,
+                path_to_activation=" -> ".join(info.path_to_activation),
+                a_is_f_of_z=info.a_is_f_of_z,
+                output_shape=info.output_shape,
+                receptive_field=info.receptive_field,
+                receptive_field_stride=info.stride,
+                receptive_field_start=info.start,
+                channel_descriptions=descriptions,
+            )
+        )
     return records
 
 
-def preprocessing_for(spec: ModelSpec, size: tuple[int, int] | None, no_resize: bool) -> Preprocessing:
-    """The preprocessing for ``spec``, with --size / --no-resize applied."""
+def preprocessing_for(spec: InputSpec, size: tuple[int, int] | None, no_resize: bool) -> Preprocessing:
+    """The preprocessing for a model's input spec, with --size / --no-resize applied."""
     if no_resize and size is not None:
         raise UsageError("--size and --no-resize cannot be used together")
-    crop = None if no_resize else (size or spec.input.size)
-    resize = spec.input.resize if size is None else None  # --size replaces the spec's resize rule
-    return Preprocessing(crop, spec.input.mean, spec.input.std, resize, spec.input.background)
+    crop = None if no_resize else (size or spec.size)
+    resize = spec.resize if size is None else None  # --size replaces the model's resize rule
+    return Preprocessing(crop, spec.mean, spec.std, resize, spec.background)
+
+
+def describe_layers(
+    model: LoadedModel, size: tuple[int, int] | None = None, device: str = "cpu"
+) -> dict[str, LayerInfo]:
+    """Every layer of a model (see ``LoadedModel.selectable`` for those users may pick), from one
+    forward pass of a blank image of ``size``."""
+    h, w = size or model.input.size
+    if model.spec is not None:
+        geometry(model.spec, (h, w))  # names the layer that does not fit
+    target = resolve_device(device)
+    try:
+        layers = discover(model.module.to(target), torch.zeros(1, 3, h, w, device=target))
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise ModelError(
+            f"model {model.name}: the forward pass fails on a {h}x{w} image ({first_line(exc)}); "
+            "check --size and the model"
+        ) from None
+    for layer in model.spec.layers if model.spec is not None else ():  # spec models speak the spec's type names
+        layers[layer.name].type = layer.type
+    return layers
 
 
 def extract(
@@ -154,7 +208,7 @@ def extract(
             be swallowed (inside a weakref callback) or land mid-cleanup.
 
     Raises:
-        FmapError: bad model spec, weights, layer names, images or output path.
+        FmapError: bad model, weights, layer names, images or output path.
         StoppedError: ``stop_requested`` returned a signal number.
     """
     started = time.perf_counter()
@@ -162,55 +216,53 @@ def extract(
         raise UsageError("--batch-size must be at least 1")
     if options.out.exists() and not options.overwrite:
         raise UsageError(f"{options.out}: already exists; pass --overwrite to replace it")
-    spec = load_spec(options.model)
-    chosen = select_layers(spec, options.layers)
     device = resolve_device(options.device)
-    prep = preprocessing_for(spec, options.size, options.no_resize)
-    if prep.size is not None:
-        geometry(spec, prep.size)  # fail on a too-small --size before touching any image
+    model = load_model(options.model, options.weights, options.model_args)
+    prep = preprocessing_for(model.input, options.size, options.no_resize)
+    layers = None
+    if prep.size is not None:  # a bad layer name or too small a size fails before any image is read
+        layers = describe_layers(model, prep.size, str(device))
+        select_layers(layers, options.layers, model)
     for path in options.images:  # header-only check: fail before any compute
         check_image(path)
-    loaded = load_model(spec)
-    net = loaded.module.to(device)
-    taps = [
-        Tap(layer.name, layer.name, f"activations.{layer.name}" if layer.has_activation else None) for layer in chosen
-    ]
+    net = model.module.to(device)
     attrs = {
         "torch_version": torch.__version__,
         "command": options.command,
         "device": str(device),
-        "model_name": spec.name,
-        "model_source": spec.source,
-        "model_spec": json.dumps(spec.to_dict(), ensure_ascii=True),
-        "weights_sha256": loaded.weights_sha256,
+        "model_name": model.name,
+        "model_source": model.source,
+        "model_spec": json.dumps(model.description, ensure_ascii=True),
+        "weights_sha256": model.weights_sha256,
         "preprocessing": json.dumps(prep.describe(), ensure_ascii=True),
     }
-    log(f"model {spec.name} ({spec.source}) on {device}; layers {', '.join(t.layer for t in taps)}")
     writer: MapWriter | None = None
     verified = 0
+    size: tuple[int, int] = (0, 0)
     with ExitStack() as stack:
         stack.enter_context(_full_float32())
-        run = stack.enter_context(capture(net, taps, clone=False))  # SpecNet has no in-place ops
         for start in range(0, len(options.images), options.batch_size):
             _check(stop_requested)
             batch = load_batch(options.images[start : start + options.batch_size], prep)
             if writer is None:
                 size = (batch.pixels.shape[2], batch.pixels.shape[3])
-                geo = geometry(spec, size)
+                layers = layers or describe_layers(model, size, str(device))
+                names = select_layers(layers, options.layers, model)
+                log(f"model {model.name} ({model.source}) on {device}; layers {', '.join(names)}")
+                run = stack.enter_context(capture(net, layers, names))
                 writer = MapWriter(
                     out=options.out,
-                    layers=layer_records(spec, geo, chosen),
+                    layers=layer_records(model, layers, names),
                     attrs=attrs,
                     input_shape=(3, *size) if options.save_input else None,
                     overwrite=options.overwrite,
                 )
                 stack.enter_context(writer)
-            elif batch.pixels.shape[1:] != (3, *size):
+            elif batch.pixels.shape[2:] != size:
                 raise UsageError(
                     f"{batch.paths[0]}: size differs from {options.images[0]}; --no-resize needs images of equal size"
                 )
-            x = torch.from_numpy(batch.pixels).to(device)  # (N, 3, H, W)
-            maps = run(x)
+            maps = run(torch.from_numpy(batch.pixels).to(device))  # (N, 3, H, W)
             writer.append(
                 batch.paths,
                 batch.original_sizes,
@@ -221,13 +273,16 @@ def extract(
             log(f"{writer.n_images}/{len(options.images)} images")
             _check(stop_requested)
         if options.verify and writer is not None:
-            verified = verify_pairs(writer.file())
-            log(f"verified a == f(z) on {verified} values")
+            report = verify_pairs(writer.file())
+            verified = report.values
+            log(f"verified a == f(z) on {report.values} values in {len(report.layers)} layers")
+            for layer, why in report.skipped.items():
+                log(f"  not re-checked: {layer} ({why})")
             _check(stop_requested)
     return ExtractResult(
         out=options.out,
         n_images=len(options.images),
-        layers=[t.layer for t in taps],
+        layers=[record.name for record in writer.layers] if writer else [],
         device=str(device),
         seconds=time.perf_counter() - started,
         values_verified=verified,
@@ -255,5 +310,5 @@ def _full_float32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _host(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu").numpy()
+def _host(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().to("cpu").numpy()

@@ -1,29 +1,47 @@
-"""Build a PyTorch network from a ModelSpec and load its weights (``.npz``, ``.pt``/``.pth``).
+"""Turn ``--model`` (and ``--weights``) into a ready ``nn.Module``: spec files, Python factories,
+torchvision/timm names and ``torch.export`` programs.
 
-Weights never run code: ``.pt`` files load with ``torch.load(..., weights_only=True)``.
+Weights never run code: ``.pt`` files load with ``torch.load(..., weights_only=True)``. The only
+code fmap runs is a factory the user names explicitly (``file.py:factory``, ``package.module:factory``).
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import importlib
+import importlib.util
+import json
+import sys
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .errors import SpecError
-from .spec import LayerSpec, ModelSpec, expected_parameters, geometry
+from .errors import ModelError, UsageError
+from .spec import (
+    BUILTIN_MODELS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    InputSpec,
+    LayerSpec,
+    ModelSpec,
+    geometry,
+    load_spec,
+)
 
-ACTIVATION_MODULES: dict[str, Callable[[LayerSpec], nn.Module]] = {
-    "relu": lambda layer: nn.ReLU(),
-    "leaky_relu": lambda layer: nn.LeakyReLU(layer.negative_slope),
-    "gelu": lambda layer: nn.GELU(),
-    "sigmoid": lambda layer: nn.Sigmoid(),
-    "tanh": lambda layer: nn.Tanh(),
+ACTIVATIONS: dict[str, Callable[[torch.Tensor, LayerSpec], torch.Tensor]] = {
+    "relu": lambda x, layer: F.relu(x),
+    "leaky_relu": lambda x, layer: F.leaky_relu(x, layer.negative_slope),
+    "gelu": lambda x, layer: F.gelu(x),
+    "sigmoid": lambda x, layer: torch.sigmoid(x),
+    "tanh": lambda x, layer: torch.tanh(x),
 }
 
 
@@ -31,24 +49,21 @@ class SpecNet(nn.Module):
     """A sequential network built from a spec.
 
     Each spec layer is a child module named as in the spec (so its parameters are
-    ``<layer>.weight``, matching the weights file), and its nonlinearity, if any, lives in
-    ``activations[<layer>]``: z is the output of the first, a the output of the second.
+    ``<layer>.weight``, matching the weights file); its nonlinearity is a functional call after
+    it, so z is the module's output and a the output of that call (``capture.py`` pairs them).
     """
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.order = [layer.name for layer in spec.layers]
-        self.activations = nn.ModuleDict()
+        self.layers = list(spec.layers)
         for layer, geo in zip(spec.layers, geometry(spec), strict=True):
             self.add_module(layer.name, _build_op(layer, geo.input_shape))
-            if layer.has_activation:
-                self.activations[layer.name] = ACTIVATION_MODULES[layer.activation](layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for name in self.order:
-            x = getattr(self, name)(x)
-            if name in self.activations:
-                x = self.activations[name](x)
+        for layer in self.layers:
+            x = getattr(self, layer.name)(x)
+            if layer.has_activation:
+                x = ACTIVATIONS[layer.activation](x, layer)
         return x
 
 
@@ -78,73 +93,249 @@ def _build_op(layer: LayerSpec, input_shape: tuple[int, ...]) -> nn.Module:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A ready network in eval mode with the spec it came from and its weights' fingerprint."""
+    """A ready network in eval mode, what it expects as input, and its fingerprint."""
 
-    spec: ModelSpec
-    module: SpecNet
+    module: nn.Module
+    name: str
+    source: str  # what --model said, or builtin:<name>
+    input: InputSpec
     weights_sha256: str
+    description: dict[str, Any]  # recorded in the file as model_spec
+    spec: ModelSpec | None = None  # for spec files: only their layer names are selectable
+
+    @property
+    def selectable(self) -> list[str] | None:
+        """Layer names users may select, or None when every discovered layer may be."""
+        return None if self.spec is None else [layer.name for layer in self.spec.layers]
 
 
-def read_weights(path: Path) -> dict[str, np.ndarray]:
-    """Read a weights file into float32 arrays keyed as in a state dict.
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a weights file (.npz, .pt/.pth state dict, .safetensors) into tensors keyed as in a state dict.
 
     Raises:
-        SpecError: the file is missing, unreadable, or holds something other than tensors.
+        ModelError: the file is missing, unreadable, or holds something other than tensors.
     """
     suffix = path.suffix.lower()
     if not path.is_file():
-        raise SpecError(f"{path}: weights file not found (the spec's [model] weights is relative to the spec)")
+        raise ModelError(f"{path}: weights file not found")
     try:
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as data:
-                return {key: np.asarray(data[key]) for key in data.files}
+                return {key: torch.from_numpy(np.array(data[key])) for key in data.files}
         if suffix in (".pt", ".pth"):
             state = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
                 state = state["state_dict"]
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-                raise SpecError(f"{path}: expected a state dict (a mapping of names to tensors)")
-            return {str(k): v.detach().float().numpy() for k, v in state.items()}
-    except SpecError:
+                raise ModelError(f"{path}: expected a state dict (a mapping of names to tensors)")
+            return {str(k): v.detach() for k, v in state.items()}
+        if suffix == ".safetensors":
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise ModelError(
+                    f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)"
+                ) from None
+            return dict(load_file(str(path)))
+    except ModelError:
         raise
     except (OSError, ValueError, RuntimeError, zipfile.BadZipFile, EOFError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SpecError(f"{path}: cannot read weights: {reason}") from None
+        raise ModelError(f"{path}: cannot read weights: {first_line(exc)}") from None
     except Exception as exc:  # torch's weights_only unpickler raises pickle.UnpicklingError and others
         if type(exc).__name__ == "UnpicklingError":
-            raise SpecError(
+            raise ModelError(
                 f"{path}: holds Python objects, not just tensors; fmap only loads plain state dicts "
                 "(torch.load weights_only=True) and never runs code from a weights file"
             ) from None
         raise
-    raise SpecError(f"{path}: unsupported weights format '{suffix}'; use .npz, .pt or .pth")
+    raise ModelError(f"{path}: unsupported weights format '{suffix}'; use .npz, .pt, .pth or .safetensors")
 
 
-def check_weights(spec: ModelSpec, weights: dict[str, np.ndarray]) -> None:
-    """Check keys and shapes against the spec; the error names the keys and the shapes."""
-    expected = expected_parameters(spec)
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type), for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _listed(keys: list[str], limit: int = 5) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_weights(path: Path, expected: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor]) -> None:
+    """Check keys and shapes against what the model needs; the error names the keys and shapes."""
     missing = [key for key in expected if key not in weights]
     extra = [key for key in weights if key not in expected and not key.endswith(".num_batches_tracked")]
     if missing:
-        raise SpecError(f"{spec.weights}: missing weights {', '.join(missing)}")
+        raise ModelError(f"{path}: missing weights {_listed(missing)}")
     if extra:
-        raise SpecError(f"{spec.weights}: unexpected weights {', '.join(extra)} (not in spec {spec.source})")
+        raise ModelError(f"{path}: unexpected weights {_listed(extra)}")
     for key, shape in expected.items():
         found = tuple(weights[key].shape)
         if found != shape:
-            raise SpecError(f"{spec.weights}: {key} has shape {found}, expected {shape}")
-        if not np.all(np.isfinite(weights[key])):
-            raise SpecError(f"{spec.weights}: {key} contains NaN or infinite values")
+            raise ModelError(f"{path}: {key} has shape {found}, expected {shape}")
+        if weights[key].is_floating_point() and not bool(torch.isfinite(weights[key]).all()):
+            raise ModelError(f"{path}: {key} contains NaN or infinite values")
 
 
-def load_model(spec: ModelSpec) -> LoadedModel:
-    """Build the network for ``spec``, load and check its weights, and put it in eval mode."""
-    weights = read_weights(spec.weights)
-    check_weights(spec, weights)
+def load_weights_into(module: nn.Module, path: Path) -> str:
+    """Load a state dict file into ``module`` after checking every key and shape; return its SHA-256."""
+    weights = read_weights(path)
+    state = module.state_dict()
+    expected = {key: tuple(t.shape) for key, t in state.items() if not key.endswith(".num_batches_tracked")}
+    check_weights(path, expected, weights)
+    module.load_state_dict({k: v.to(state[k].dtype) for k, v in weights.items() if k in state}, strict=False)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def state_sha256(module: nn.Module) -> str:
+    """A fingerprint of a module's parameters and buffers (names, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_spec_model(spec: ModelSpec) -> LoadedModel:
+    """Build the network for a spec, load and check its weights, and put it in eval mode."""
     module = SpecNet(spec)
-    expected = expected_parameters(spec)
-    state = {key: torch.from_numpy(np.ascontiguousarray(weights[key], dtype=np.float32)) for key in expected}
-    module.load_state_dict(state, strict=False)  # keys were checked above; BN's counters are not weights
+    digest = load_weights_into(module, spec.weights)
     module.eval()
-    digest = hashlib.sha256(spec.weights.read_bytes()).hexdigest()
-    return LoadedModel(spec=spec, module=module, weights_sha256=digest)
+    return LoadedModel(module, spec.name, spec.source, spec.input, digest, spec.to_dict(), spec)
+
+
+def parse_model_args(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` strings -> kwargs; values are JSON when they parse (numbers, true, lists), else text."""
+    kwargs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--model-arg: expected key=value with a Python name as key, got {pair!r}")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return kwargs
+
+
+def load_model(
+    model: str | None = None, weights: str | None = None, model_args: dict[str, Any] | None = None
+) -> LoadedModel:
+    """Load any model fmap understands, ready in eval mode.
+
+    ``model`` is a built-in name, a ``.toml``/``.json`` spec, a ``.pt2`` torch.export program,
+    ``package.module:factory`` or ``path/to/file.py:factory`` (a callable returning an
+    ``nn.Module``, called with ``model_args``), or ``torchvision:NAME`` / ``timm:NAME``.
+    ``weights`` is a state dict file, or ``pretrained`` for a library's own weights.
+
+    Raises:
+        ModelError: the model or its weights cannot be loaded; the message says which and why.
+    """
+    model_args = model_args or {}
+    if model is None or model in BUILTIN_MODELS or model.lower().endswith((".toml", ".json")):
+        if weights is not None or model_args:
+            raise UsageError("--weights and --model-arg do not apply to spec models (the spec names its weights)")
+        return load_spec_model(load_spec(model))
+    if model.lower().endswith(".pt2"):
+        if weights is not None or model_args:
+            raise UsageError("--weights and --model-arg do not apply to .pt2 programs (they hold their weights)")
+        return load_exported(Path(model))
+    library, sep, name = model.partition(":")
+    if not sep or not name:
+        hint = difflib.get_close_matches(model, list(BUILTIN_MODELS), n=1)
+        extra = f"did you mean '{hint[0]}'? " if hint else ""
+        raise UsageError(
+            f"--model: cannot understand {model!r}; {extra}give a built-in name ({', '.join(BUILTIN_MODELS)}), a "
+            ".toml/.json spec, a .pt2 program, package.module:factory, file.py:factory, torchvision:NAME or timm:NAME"
+        )
+    if library in ("torchvision", "timm"):
+        module, input_spec = _library_model(library, name, pretrained=weights == "pretrained", kwargs=model_args)
+    else:
+        module = _factory_model(library, name, model_args)
+        input_spec = InputSpec()
+    if weights is not None and weights != "pretrained":
+        digest = load_weights_into(module, Path(weights))
+    else:
+        digest = state_sha256(module)
+    module.eval()
+    description = {"source": model, "class": type(module).__qualname__, "model_args": model_args,
+                   "weights": weights, "architecture": repr(module)}  # fmt: skip
+    return LoadedModel(module, name, model, input_spec, digest, description)
+
+
+def _factory_model(location: str, factory: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Call ``factory`` from a module path or a Python file (explicitly named: that runs its code)."""
+    if location.endswith(".py"):
+        path = Path(location)
+        if not path.is_file():
+            raise ModelError(f"{path}: no such Python file")
+        spec = importlib.util.spec_from_file_location(f"fmap_user_model_{path.stem}", path)
+        if spec is None or spec.loader is None:
+            raise ModelError(f"{path}: cannot load as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules.setdefault(spec.name, module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise ModelError(f"{path}: running the file failed: {type(exc).__name__}: {first_line(exc)}") from None
+    else:
+        try:
+            module = importlib.import_module(location)
+        except ImportError as exc:
+            raise ModelError(f"--model {location}:{factory}: cannot import {location}: {first_line(exc)}") from None
+    make = getattr(module, factory, None)
+    if not callable(make):
+        raise ModelError(f"--model {location}:{factory}: {location} has no callable '{factory}'")
+    try:
+        built = make(**kwargs)
+    except Exception as exc:
+        raise ModelError(
+            f"--model {location}:{factory}: calling it failed: {type(exc).__name__}: {first_line(exc)}"
+        ) from None
+    if not isinstance(built, nn.Module):
+        raise ModelError(f"--model {location}:{factory}: returned {type(built).__name__}, not a torch.nn.Module")
+    return built
+
+
+def _library_model(library: str, name: str, pretrained: bool, kwargs: dict[str, Any]) -> tuple[nn.Module, InputSpec]:
+    """A torchvision or timm model (optional extras), with the input size and normalisation it expects."""
+    try:
+        lib = importlib.import_module("torchvision.models" if library == "torchvision" else "timm")
+    except ImportError:
+        raise ModelError(f"--model {library}:{name}: {library} is not installed (pip install {library})") from None
+    try:
+        if library == "torchvision":
+            module = lib.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+            return module, InputSpec(size=(224, 224), resize=256)
+        module = lib.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as exc:  # unknown name, no cached weights offline, bad kwargs
+        raise ModelError(f"--model {library}:{name}: {type(exc).__name__}: {first_line(exc)}") from None
+    cfg = getattr(module, "pretrained_cfg", {}) or {}
+    size = tuple(cfg.get("input_size", (3, 224, 224))[-2:])
+    crop = float(cfg.get("crop_pct", 0.875))
+    return module, InputSpec(
+        size=(int(size[0]), int(size[1])),
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)),
+        resize=int(size[0] / crop),
+    )
+
+
+def load_exported(path: Path) -> LoadedModel:
+    """A ``torch.export`` program saved with ``torch.export.save``; layer names come from its module stack."""
+    if not path.is_file():
+        raise ModelError(f"{path}: no such file")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise ModelError(f"{path}: not a torch.export program: {type(exc).__name__}: {first_line(exc)}") from None
+    module = program.module()
+    module.fmap_exported = True  # read by capture.is_exported
+    example = next((n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"
+                    and n.name not in program.graph_signature.inputs_to_parameters
+                    and n.name not in program.graph_signature.inputs_to_buffers), None)  # fmt: skip
+    size = tuple(int(d) for d in example.shape[-2:]) if example is not None and example.dim() == 4 else (224, 224)
+    description = {"source": str(path), "class": "torch.export.ExportedProgram", "graph": str(program.graph)}
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return LoadedModel(module, path.stem, str(path), InputSpec(size=size), digest, description)

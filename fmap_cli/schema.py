@@ -160,6 +160,14 @@ SCHEMA: tuple[Node, ...] = (
             ),
             Attr("nonlinearity", "str", "The nonlinearity f with a = f(z), or 'none'."),
             Attr("has_activation", "int8", "1 if an activation dataset is stored, else 0."),
+            Attr("nonlinearity_params", "str (JSON)", 'Parameters of f, e.g. {"negative_slope": 0.1}.'),
+            Attr(
+                "path_to_activation",
+                "str",
+                "The ops from z to a in order, e.g. 'layer1.0.bn2 -> add(+maxpool) -> layer1.0.relu#2'; "
+                "'add(+X)' means the output of X joins there (a residual add). Empty without a.",
+            ),
+            Attr("a_is_f_of_z", "int8", "1 when nothing but f lies between z and a, so a == f(z) can be re-checked."),
             Attr("note", "str", "Why there is no activation dataset (only when has_activation = 0).", False),
             Attr("output_shape", "int64[]", "Shape of one image's map: (C, H, W), or (C,) for linear layers."),
             Attr("receptive_field", "int64[2]", "Receptive field of one unit, in input pixels (H, W)."),

@@ -36,6 +36,9 @@ class LayerRecord:
     input: str  # nearest upstream stored dataset, or "input" (the image tensor)
     input_via: str  # layers applied between that dataset and this layer, "a -> b"; "" if none
     nonlinearity: str  # "none" when the layer has no nonlinearity
+    nonlinearity_params: dict[str, Any]  # e.g. {"negative_slope": 0.1}
+    path_to_activation: str  # what lies between z and a, e.g. "bn1 -> add(+maxpool) -> relu"
+    a_is_f_of_z: bool  # nothing but f lies between z and a
     output_shape: tuple[int, ...]  # per image: (C, H, W) or (C,)
     receptive_field: tuple[int, int]
     receptive_field_stride: tuple[int, int]
@@ -153,6 +156,9 @@ class MapWriter:
         group.attrs["input_via"] = layer.input_via
         group.attrs["nonlinearity"] = layer.nonlinearity
         group.attrs["has_activation"] = np.int8(layer.has_activation)
+        group.attrs["nonlinearity_params"] = json.dumps(layer.nonlinearity_params, ensure_ascii=True)
+        group.attrs["path_to_activation"] = layer.path_to_activation
+        group.attrs["a_is_f_of_z"] = np.int8(layer.a_is_f_of_z)
         if not layer.has_activation:
             group.attrs["note"] = schema.NO_ACTIVATION_NOTE
         group.attrs["output_shape"] = np.asarray(layer.output_shape, dtype=np.int64)

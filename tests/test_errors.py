@@ -411,14 +411,15 @@ def test_wrong_extension_spec(tmp_path: Path, good: list[Path], outdir: Path, na
         write_spec(spec.parent, TINY_SPEC, name=name)
     else:
         write_spec(spec.parent, TINY_SPEC)
-    line = error_line(invoke("layers", "-m", spec), 1)
-    assert str(spec) in line and "not a model spec" in line
-    extract_fails(good, spec, outdir, 1, must_name=(str(spec),))
+    # an unrecognisable --model value is a usage error (exit 2) naming the flag and the value
+    line = error_line(invoke("layers", "-m", spec), 2)
+    assert str(spec) in line and "--model" in line and ".toml/.json spec" in line
+    extract_fails(good, spec, outdir, 2, must_name=(str(spec),))
 
 
 def test_unknown_builtin_name() -> None:
-    line = error_line(invoke("layers", "-m", "edgez"), 1)
-    assert "edgez" in line and "edges" in line
+    line = error_line(invoke("layers", "-m", "edgez"), 2)
+    assert "edgez" in line and "did you mean 'edges'" in line
 
 
 # ---------------------------------------------------------------- weights errors

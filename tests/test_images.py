@@ -408,10 +408,10 @@ def test_spec_resize_field_is_shorter_side_before_crop(tmp_path: Path) -> None:
     spec_path = _tiny(tmp_path, extra_input="resize = 32\n")
     spec = load_spec(spec_path)
     assert spec.input.resize == 32
-    prep = preprocessing_for(spec, None, False)
+    prep = preprocessing_for(spec.input, None, False)
     assert (prep.size, prep.resize) == ((20, 24), 32)
-    assert preprocessing_for(spec, (20, 24), False).resize is None  # --size replaces the resize rule
-    assert preprocessing_for(spec, None, True).size is None  # --no-resize
+    assert preprocessing_for(spec.input, (20, 24), False).resize is None  # --size replaces the resize rule
+    assert preprocessing_for(spec.input, None, True).size is None  # --no-resize
 
     image = tmp_path / "photo.png"
     make_photo(60, 90, seed=5).save(image)

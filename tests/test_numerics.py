@@ -325,7 +325,7 @@ def test_verify_flag_passes_on_good_files(tiny_model: Path, images: list[Path], 
     )
     with h5py.File(out, "r") as f:
         expected = sum(f["layers"][n]["preactivation"].size for n in ("conv1", "conv2"))
-        assert verify_pairs(f) == expected
+        assert verify_pairs(f).values == expected
     assert result.values_verified == expected
     cli_out = tmp_path / "cli.h5"
     res = CliRunner().invoke(
@@ -352,6 +352,6 @@ def test_verify_pairs_detects_one_tampered_value(tiny_model, images, tmp_path, d
         ds = f[dataset]
         ds[index] = change(ds[index])
     with h5py.File(good, "r") as f:
-        assert verify_pairs(f) > 0
+        assert verify_pairs(f).values > 0
     with h5py.File(bad, "r") as f, pytest.raises(VerificationError, match=dataset.split("/")[1]):
         verify_pairs(f)
