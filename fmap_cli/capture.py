@@ -506,6 +506,8 @@ class _ExportedEvents(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         if n.op == "output":
             self._sync([], None)
+        if n.op == "call_module" and n.target == "_guards_fn":
+            return None  # export's input-shape guards: fmap runs other batch sizes than the example
         if n.op != "call_function":
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
@@ -554,6 +556,9 @@ def _forward(model: nn.Module, x: torch.Tensor, recorder: Recorder) -> None:
 
 @contextmanager
 def _eval(model: nn.Module) -> Iterator[None]:
+    if is_exported(model):  # an exported program is fixed at export time (it refuses .eval())
+        yield
+        return
     was_training = model.training
     model.eval()
     try:

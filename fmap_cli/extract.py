@@ -183,7 +183,7 @@ def describe_layers(
     target = resolve_device(device)
     try:
         layers = discover(model.module.to(target), torch.zeros(1, 3, h, w, device=target))
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+    except Exception as exc:  # the model's own code: any error is the model's
         raise ModelError(
             f"model {model.name}: the forward pass fails on a {h}x{w} image ({first_line(exc)}); "
             "check --size and the model"
@@ -262,7 +262,13 @@ def extract(
                 raise UsageError(
                     f"{batch.paths[0]}: size differs from {options.images[0]}; --no-resize needs images of equal size"
                 )
-            maps = run(torch.from_numpy(batch.pixels).to(device))  # (N, 3, H, W)
+            try:
+                maps = run(torch.from_numpy(batch.pixels).to(device))  # (N, 3, H, W)
+            except Exception as exc:  # the model's own code: any error is the model's
+                raise ModelError(
+                    f"model {model.name}: the forward pass fails on {batch.paths[0]} and the {len(batch.paths) - 1} "
+                    f"images after it ({type(exc).__name__}: {first_line(exc)})"
+                ) from None
             writer.append(
                 batch.paths,
                 batch.original_sizes,
