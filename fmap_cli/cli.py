@@ -153,7 +153,8 @@ def extract(images: tuple[str, ...], out: Path, **options: Any) -> None:
             log=lambda message: click.echo(message, err=True),
             stop_requested=lambda: received[0] if received else None,
         )
-    click.echo(f"wrote {result.n_images} images x {len(result.layers)} layers in {result.seconds:.1f} s", err=True)
+    images = f"{result.n_images} image" + ("s" if result.n_images != 1 else "")
+    click.echo(f"wrote {images} x {len(result.layers)} layers in {result.seconds:.1f} s", err=True)
     click.echo(str(result.out))
 
 
@@ -217,7 +218,7 @@ def layers(
         from .models import load_model, parse_model_args
 
         loaded = load_model(model, weights, parse_model_args(model_args))
-        found = pipeline.describe_layers(loaded, size)
+        found = pipeline.describe_layers(loaded, size, size_flag=size is not None)
         keep = pipeline.select_layers(found, patterns, loaded) if patterns else loaded.selectable or list(found)
         found = {name: found[name] for name in keep}
     width = max([5, *(len(name) for name in found)])

@@ -1,4 +1,22 @@
-"""Exceptions the user can cause. ``cli.py`` turns each into one line of output and an exit code."""
+"""Exceptions the user can cause. ``cli.py`` turns each into one line of output and an exit code.
+
+Also the two helpers every one-line message uses.
+"""
+
+import difflib
+from collections.abc import Iterable
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type name), for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"did you mean 'x'? "`` for the closest choice, or ``""``."""
+    hint = difflib.get_close_matches(word, list(choices), n=1)
+    return f"did you mean '{hint[0]}'? " if hint else ""
 
 
 class FmapError(Exception):

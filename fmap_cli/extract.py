@@ -5,9 +5,9 @@ This is the only module that knows every stage; each stage lives in its own modu
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -20,10 +20,19 @@ import torch
 
 from . import schema
 from .capture import LayerInfo, capture, discover
-from .errors import ModelError, StoppedError, UnknownLayerError, UsageError
+from .errors import (
+    ImageError,
+    ModelError,
+    SpecError,
+    StoppedError,
+    UnknownLayerError,
+    UsageError,
+    did_you_mean,
+    first_line,
+)
 from .images import Preprocessing, check_image, load_batch
-from .models import LoadedModel, first_line, load_model
-from .spec import InputSpec, geometry
+from .models import LoadedModel, load_model
+from .spec import InputSpec, ModelSpec, geometry
 from .verify import verify_pairs
 from .writer import LayerRecord, MapWriter
 
@@ -82,8 +91,7 @@ def select_layers(layers: dict[str, LayerInfo], requested: Sequence[str] | None,
         matches = fnmatch.filter(selectable, pattern) if any(c in pattern for c in "*?[") else [pattern]
         matches = [m for m in matches if m in layers and m in selectable]
         if not matches:
-            hint = difflib.get_close_matches(pattern, selectable, n=1)
-            extra = f"did you mean '{hint[0]}'? " if hint else ""
+            extra = did_you_mean(pattern, selectable)
             shown = ", ".join(selectable[:30]) + (", ..." if len(selectable) > 30 else "")
             raise UnknownLayerError(
                 f"--layers: no layer '{pattern}' in model '{model.name}'; {extra}available: {shown} "
@@ -105,6 +113,8 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"--device {name}: CUDA is not available (torch {torch.__version__}); use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device: unsupported device '{name}'; use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
 
 
@@ -173,24 +183,62 @@ def preprocessing_for(spec: InputSpec, size: tuple[int, int] | None, no_resize: 
 
 
 def describe_layers(
-    model: LoadedModel, size: tuple[int, int] | None = None, device: str = "cpu"
+    model: LoadedModel, size: tuple[int, int] | None = None, device: str = "cpu", size_flag: bool = False
 ) -> dict[str, LayerInfo]:
     """Every layer of a model (see ``LoadedModel.selectable`` for those users may pick), from one
-    forward pass of a blank image of ``size``."""
+    forward pass of a blank image of ``size``.
+
+    Raises:
+        ModelError: the model cannot run on that size (a UsageError naming --size if
+            ``size_flag``: the size came from the command line).
+    """
     h, w = size or model.input.size
-    if model.spec is not None:
-        geometry(model.spec, (h, w))  # names the layer that does not fit
-    target = resolve_device(device)
     try:
-        layers = discover(model.module.to(target), torch.zeros(1, 3, h, w, device=target))
-    except Exception as exc:  # the model's own code: any error is the model's
-        raise ModelError(
-            f"model {model.name}: the forward pass fails on a {h}x{w} image ({first_line(exc)}); "
-            "check --size and the model"
-        ) from None
+        if model.spec is not None:
+            _check_spec_size(model.spec, (h, w))
+        target = resolve_device(device)
+        try:
+            layers = discover(model.module.to(target), torch.zeros(1, 3, h, w, device=target))
+        except Exception as exc:  # the model's own code: any error is the model's
+            raise ModelError(
+                f"model {model.name}: the forward pass fails on a {h}x{w} image ({first_line(exc)})"
+            ) from None
+    except ModelError as exc:
+        if size_flag:
+            raise UsageError(f"--size {h},{w}: {exc}") from None
+        raise
     for layer in model.spec.layers if model.spec is not None else ():  # spec models speak the spec's type names
         layers[layer.name].type = layer.type
     return layers
+
+
+def _check_spec_size(spec: ModelSpec, size: tuple[int, int]) -> None:
+    """Every layer fits at ``size``, and linear layers get the number of inputs they were built for."""
+    at_size, native = geometry(spec, size), geometry(spec)
+    for layer, got, built in zip(spec.layers, at_size, native, strict=True):
+        if layer.type == "linear" and got.input_shape != built.input_shape:
+            raise SpecError(
+                f"{spec.source}: layer '{layer.name}' needs {built.input_shape[0]} inputs (input size "
+                f"{spec.input.size[0]}x{spec.input.size[1]}) but gets {got.input_shape[0]} at {size[0]}x{size[1]}"
+            )
+
+
+def check_output(out: Path, overwrite: bool, images: Sequence[str]) -> None:
+    """Refuse an output that exists (without --overwrite), sits in a missing or read-only
+    directory, or is one of the input images."""
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out}: already exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise UsageError(f"-o {out}: is a directory; give a file name")
+    parent = out.parent
+    if not parent.is_dir():
+        raise UsageError(f"-o {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {out}: directory {parent} is not writable")
+    target = out.resolve()
+    for image in images:
+        if Path(image).resolve() == target:
+            raise UsageError(f"-o {out}: is also an input image; choose another output name")
 
 
 def extract(
@@ -214,17 +262,21 @@ def extract(
     started = time.perf_counter()
     if options.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    if options.out.exists() and not options.overwrite:
-        raise UsageError(f"{options.out}: already exists; pass --overwrite to replace it")
+    check_output(options.out, options.overwrite, options.images)
     device = resolve_device(options.device)
     model = load_model(options.model, options.weights, options.model_args)
     prep = preprocessing_for(model.input, options.size, options.no_resize)
     layers = None
     if prep.size is not None:  # a bad layer name or too small a size fails before any image is read
-        layers = describe_layers(model, prep.size, str(device))
+        layers = describe_layers(model, prep.size, str(device), size_flag=options.size is not None)
         select_layers(layers, options.layers, model)
-    for path in options.images:  # header-only check: fail before any compute
-        check_image(path)
+    sizes = [check_image(path) for path in options.images]  # headers only: fail before any compute
+    if options.no_resize and len(set(sizes)) > 1:
+        odd = next(i for i, hw in enumerate(sizes) if hw != sizes[0])
+        raise ImageError(
+            f"{options.images[odd]}: size {sizes[odd][0]}x{sizes[odd][1]} differs from {options.images[0]} "
+            f"({sizes[0][0]}x{sizes[0][1]}); --no-resize needs images of equal size"
+        )
     net = model.module.to(device)
     attrs = {
         "torch_version": torch.__version__,
@@ -258,10 +310,6 @@ def extract(
                     overwrite=options.overwrite,
                 )
                 stack.enter_context(writer)
-            elif batch.pixels.shape[2:] != size:
-                raise UsageError(
-                    f"{batch.paths[0]}: size differs from {options.images[0]}; --no-resize needs images of equal size"
-                )
             try:
                 maps = run(torch.from_numpy(batch.pixels).to(device))  # (N, 3, H, W)
             except Exception as exc:  # the model's own code: any error is the model's

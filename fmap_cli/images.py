@@ -15,14 +15,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, first_line
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _HIGH_DEPTH_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 # Pillow refuses images over 2x this many pixels and only warns above it; fmap refuses both.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -82,14 +82,10 @@ class ImageBatch:
     pixels: np.ndarray  # (N, 3, H, W) float32, normalised
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:200]
-
-
-def _open(path: str) -> tuple[bytes, Image.Image]:
+def _read(path: str) -> bytes:
     try:
-        data = open(path, "rb").read()  # noqa: SIM115 - one read, bytes reused for the hash
+        with open(path, "rb") as handle:
+            data = handle.read()
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -98,26 +94,50 @@ def _open(path: str) -> tuple[bytes, Image.Image]:
         raise ImageError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if not data:
         raise ImageError(f"{path}: empty file (0 bytes), not an image")
+    return data
+
+
+def _identify(path: str, source: str | BytesIO) -> Image.Image:
+    """Open lazily (header only), refusing non-images and decompression bombs."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(BytesIO(data))
+            image = Image.open(source)
             if image.width * image.height > MAX_PIXELS:
                 raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels")
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory, not an image") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file Pillow can read") from None
+        kind = (
+            "empty file (0 bytes), not an image"
+            if Path(path).stat().st_size == 0
+            else "not an image file Pillow can read"
+        )
+        raise ImageError(f"{path}: {kind}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(
-            f"{path}: refused as a possible decompression bomb ({_reason(exc)}; limit {MAX_PIXELS} pixels)"
+            f"{path}: refused as a possible decompression bomb ({first_line(exc)}; limit {MAX_PIXELS} pixels)"
         ) from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"{path}: cannot read image header: {_reason(exc)}") from None
-    return data, image
+        raise ImageError(f"{path}: cannot read image header: {first_line(exc)}") from None
+    return image
 
 
-def check_image(path: str) -> None:
-    """Cheap early check (header only): the file exists, is non-empty and looks like an image."""
-    _open(path)
+def check_image(path: str) -> tuple[int, int]:
+    """Cheap early check reading only the header: the file is an image of a sane size.
+
+    Returns:
+        Its (H, W) after EXIF orientation.
+    """
+    with _identify(path, path) as image:
+        height, width = image.height, image.width
+        try:
+            orientation = image.getexif().get(0x0112, 1)
+        except (OSError, ValueError, SyntaxError):  # a broken EXIF block fails at decode, with its name
+            orientation = 1
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
 def decode_image(path: str | os.PathLike[str], background: tuple[int, int, int] = (255, 255, 255)) -> DecodedImage:
@@ -127,13 +147,14 @@ def decode_image(path: str | os.PathLike[str], background: tuple[int, int, int] 
         ImageError: missing, empty, truncated, corrupt or oversized file; the message names it.
     """
     name = os.fsdecode(path)
-    data, image = _open(name)
+    data = _read(name)
+    image = _identify(name, BytesIO(data))
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
         image = _to_rgb(image, background)
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"{name}: cannot decode image: {_reason(exc)}") from None
+        raise ImageError(f"{name}: cannot decode image: {first_line(exc)}") from None
     return DecodedImage(name, image, (image.height, image.width), hashlib.sha256(data).hexdigest())
 
 

@@ -7,7 +7,6 @@ code fmap runs is a factory the user names explicitly (``file.py:factory``, ``pa
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ModelError, UsageError
+from .errors import ModelError, SpecError, UsageError, did_you_mean, first_line
 from .spec import (
     BUILTIN_MODELS,
     IMAGENET_MEAN,
@@ -57,6 +56,10 @@ class SpecNet(nn.Module):
         super().__init__()
         self.layers = list(spec.layers)
         for layer, geo in zip(spec.layers, geometry(spec), strict=True):
+            if hasattr(self, layer.name):
+                raise SpecError(
+                    f"{spec.source}: layer '{layer.name}': name is taken by torch.nn.Module; rename the layer"
+                )
             self.add_module(layer.name, _build_op(layer, geo.input_shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,12 +154,6 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     raise ModelError(f"{path}: unsupported weights format '{suffix}'; use .npz, .pt, .pth or .safetensors")
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (or its type), for one-line errors."""
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
-
-
 def _listed(keys: list[str], limit: int = 5) -> str:
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
@@ -243,11 +240,11 @@ def load_model(
         return load_exported(Path(model))
     library, sep, name = model.partition(":")
     if not sep or not name:
-        hint = difflib.get_close_matches(model, list(BUILTIN_MODELS), n=1)
-        extra = f"did you mean '{hint[0]}'? " if hint else ""
+        names = ", ".join(BUILTIN_MODELS)
         raise UsageError(
-            f"--model: cannot understand {model!r}; {extra}give a built-in name ({', '.join(BUILTIN_MODELS)}), a "
-            ".toml/.json spec, a .pt2 program, package.module:factory, file.py:factory, torchvision:NAME or timm:NAME"
+            f"--model: cannot understand {model!r}; {did_you_mean(model, BUILTIN_MODELS)}give a built-in name "
+            f"({names}), a .toml/.json spec, a .pt2 program, package.module:factory, file.py:factory, "
+            "torchvision:NAME or timm:NAME"
         )
     if library in ("torchvision", "timm"):
         module, input_spec = _library_model(library, name, pretrained=weights == "pretrained", kwargs=model_args)

@@ -7,7 +7,6 @@ A spec describes a sequential network; every error names the file, the layer and
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import re
@@ -17,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import SpecError
+from .errors import SpecError, did_you_mean
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -160,8 +159,8 @@ class _Checker:
     def unknown_keys(self, table: dict[str, Any], allowed: set[str]) -> None:
         for key in table:
             if key not in allowed:
-                hint = difflib.get_close_matches(key, sorted(allowed), n=1)
-                extra = f" (did you mean '{hint[0]}'?)" if hint else f"; allowed: {', '.join(sorted(allowed))}"
+                hint = did_you_mean(key, sorted(allowed))
+                extra = f" ({hint.strip()})" if hint else f"; allowed: {', '.join(sorted(allowed))}"
                 raise self.fail(f"unknown key '{key}'{extra}")
 
 
@@ -266,8 +265,8 @@ def _parse_layer(table: Any, check: _Checker, taken: set[str]) -> LayerSpec:
     check.where = f"layer '{name}'"
     layer_type = table.get("type")
     if layer_type not in LAYER_KEYS:
-        hint = difflib.get_close_matches(str(layer_type), list(LAYER_KEYS), n=1)
-        extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+        hint = did_you_mean(str(layer_type), LAYER_KEYS)
+        extra = f" ({hint.strip()})" if hint else ""
         raise check.fail(f"type must be one of {', '.join(LAYER_KEYS)}, got {layer_type!r}{extra}")
     required, optional = LAYER_KEYS[layer_type]
     check.unknown_keys(table, COMMON_KEYS | set(required) | set(optional))
@@ -294,8 +293,8 @@ def _parse_layer(table: Any, check: _Checker, taken: set[str]) -> LayerSpec:
         params[key] = value
     activation = table.get("activation", "none")
     if activation not in ACTIVATIONS:
-        hint = difflib.get_close_matches(str(activation), ACTIVATIONS, n=1)
-        extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+        hint = did_you_mean(str(activation), ACTIVATIONS)
+        extra = f" ({hint.strip()})" if hint else ""
         raise check.fail(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}{extra}")
     slope = table.get("negative_slope", 0.01)
     if not isinstance(slope, int | float) or isinstance(slope, bool):

@@ -7,6 +7,7 @@ is either absent or finished. Imports only h5py and numpy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -20,7 +21,7 @@ import h5py
 import numpy as np
 
 from . import __version__, schema
-from .errors import FmapError
+from .errors import FmapError, first_line
 
 CHUNK_BYTES = 1 << 20  # one image x a block of channels, at most 1 MiB (../shared/HDF5-NOTES.md)
 STR = h5py.string_dtype("utf-8")
@@ -61,7 +62,8 @@ class Storage:
 
 
 def safe_text(value: str) -> str:
-    """A path as valid UTF-8 text: undecodable bytes (surrogate escapes) become backslash escapes."""
+    """Text as valid UTF-8: undecodable bytes from file names or argv (surrogate escapes) become
+    backslash escapes, so h5py can store them and every reader can show them."""
     return os.fsencode(value).decode("utf-8", "backslashreplace")
 
 
@@ -80,8 +82,11 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
 
 
 def temporary_path(out: Path) -> Path:
-    """The hidden name a file is built under before it is renamed onto ``out``."""
-    return out.with_name(f".{out.name}.{os.getpid()}.partial")
+    """The hidden name a file is built under before it is renamed onto ``out``.
+
+    Long names are shortened so the temporary name still fits the usual 255-byte limit.
+    """
+    return out.with_name(f".{out.name[:200]}.{os.getpid()}.partial")
 
 
 @dataclass
@@ -116,7 +121,10 @@ class MapWriter:
         except BaseException as exc:  # KeyboardInterrupt included: never leave the temporary file
             self._discard()
             if isinstance(exc, OSError):
-                raise FmapError(f"{self.out}: cannot create output file: {exc}") from None
+                reason = exc.strerror or first_line(exc)
+                raise FmapError(
+                    f"{self.out}: cannot create output file beside it ({self.tmp.name}): {reason}"
+                ) from None
             raise
         return self
 
@@ -131,7 +139,7 @@ class MapWriter:
         f.attrs["layers"] = np.array([layer.name for layer in self.layers], dtype=STR)
         f.attrs["glossary"] = schema.GLOSSARY
         for key, value in self.attrs.items():
-            f.attrs[key] = str(value) if isinstance(value, str) else value  # str subclasses: h5py wants str
+            f.attrs[key] = safe_text(value) if isinstance(value, str) else value
         n_scale = f.create_dataset("N", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
         n_scale.make_scale("N")
         images = f.create_group(schema.IMAGES)
@@ -283,7 +291,8 @@ class MapWriter:
                 self._file.close()
             finally:
                 self._file = None
-        self.tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. never created: the original error is what matters
+            self.tmp.unlink()
 
 
 def _create_scales(group: h5py.Group, shape: tuple[int, ...]) -> None:

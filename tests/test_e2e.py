@@ -29,7 +29,7 @@ def cat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = fmap("extract", str(SAMPLES / "cat.jpg"), "--layers", "conv1,conv2", "--device", "cpu", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{out}\n"
-    assert "wrote 1 images" in proc.stderr
+    assert "wrote 1 image " in proc.stderr
     return out
 
 
