@@ -194,7 +194,7 @@ def inspect(file: Path, as_json: bool) -> None:
 
     with _errors():
         summary = read_summary(file)
-    click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else format_summary(summary))
+    click.echo(json.dumps(summary.to_dict(), indent=2, allow_nan=False) if as_json else format_summary(summary))
 
 
 @cli.command()

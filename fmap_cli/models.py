@@ -127,11 +127,13 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
                 return {key: torch.from_numpy(np.array(data[key])) for key in data.files}
         if suffix in (".pt", ".pth"):
             state = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-                state = state["state_dict"]
+            for key in CHECKPOINT_KEYS:  # training checkpoints nest the state dict
+                if isinstance(state, dict) and isinstance(state.get(key), dict):
+                    state = state[key]
+                    break
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise ModelError(f"{path}: expected a state dict (a mapping of names to tensors)")
-            return {str(k): v.detach() for k, v in state.items()}
+            return _strip_prefix({str(k): v.detach() for k, v in state.items()})
         if suffix == ".safetensors":
             try:
                 from safetensors.torch import load_file
@@ -139,7 +141,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
                 raise ModelError(
                     f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)"
                 ) from None
-            return dict(load_file(str(path)))
+            return _strip_prefix(dict(load_file(str(path))))
     except ModelError:
         raise
     except (OSError, ValueError, RuntimeError, zipfile.BadZipFile, EOFError) as exc:
@@ -154,6 +156,16 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     raise ModelError(f"{path}: unsupported weights format '{suffix}'; use .npz, .pt, .pth or .safetensors")
 
 
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` prefix DataParallel/DDP put on every key."""
+    if state and all(key.startswith("module.") for key in state):
+        return {key.removeprefix("module."): value for key, value in state.items()}
+    return state
+
+
 def _listed(keys: list[str], limit: int = 5) -> str:
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
@@ -164,7 +176,7 @@ def check_weights(path: Path, expected: dict[str, tuple[int, ...]], weights: dic
     missing = [key for key in expected if key not in weights]
     extra = [key for key in weights if key not in expected and not key.endswith(".num_batches_tracked")]
     if missing:
-        raise ModelError(f"{path}: missing weights {_listed(missing)}")
+        raise ModelError(f"{path}: missing weights {_listed(missing)} (the file has {_listed(list(weights))})")
     if extra:
         raise ModelError(f"{path}: unexpected weights {_listed(extra)}")
     for key, shape in expected.items():

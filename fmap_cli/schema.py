@@ -45,12 +45,22 @@ def also_known_as(nonlinearity: str) -> str:
     return ALSO_KNOWN_AS.get(nonlinearity, DEFAULT_ALSO_KNOWN_AS)
 
 
-def preactivation_description(layer: str, layer_type: str) -> str:
+WEIGHTED_TYPES = ("conv", "linear")  # type names containing these compute w * x + b
+
+
+def preactivation_description(layer: str, layer_type: str, nonlinearity: str) -> str:
     """One sentence for the ``description`` attribute of a z dataset."""
-    return (
-        f"z: the output of {layer_type} layer '{layer}' before its nonlinearity (pre-activation, "
-        "w * x + b), one map per image and channel."
-    )
+    weighted = any(word in layer_type.lower() for word in WEIGHTED_TYPES)
+    what = "w * x + b" if weighted else "no weights"
+    after = f"before its nonlinearity {nonlinearity}" if nonlinearity != "none" else "no nonlinearity follows it"
+    return f"z: the output of {layer_type} layer '{layer}' ({what}), {after}; one map per image and channel."
+
+
+def preactivation_long_name(layer: str, nonlinearity: str) -> str:
+    """Short label of a z dataset for plotting tools."""
+    if nonlinearity == "none":
+        return f"output z of {layer} (no nonlinearity follows)"
+    return f"pre-activation z of {layer} (before {nonlinearity})"
 
 
 def activation_description(layer: str, nonlinearity: str) -> str:
@@ -102,7 +112,12 @@ SCHEMA: tuple[Node, ...] = (
             Attr("device", "str", "Device the forward pass ran on (cpu, cuda:0, ...)."),
             Attr("model_name", "str", "Name of the model."),
             Attr("model_source", "str", "Where the model came from: a spec file's path, or builtin:<name>."),
-            Attr("model_spec", "str (JSON)", "The model spec the network was built from, as JSON."),
+            Attr(
+                "model_spec",
+                "str (JSON)",
+                "The model as JSON: for spec files the parsed spec with defaults and the file's own text "
+                "('text'); for PyTorch models the source, factory arguments and architecture (repr).",
+            ),
             Attr("weights_sha256", "str", "SHA-256 of the weights file's bytes."),
             Attr("preprocessing", "str (JSON)", "Every preprocessing step applied, with its parameters."),
             Attr("layers", "str[]", "Names of the stored layers, in forward order."),

@@ -7,6 +7,7 @@ A spec describes a sequential network; every error names the file, the layer and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -81,13 +82,15 @@ class ModelSpec:
     input: InputSpec
     layers: tuple[LayerSpec, ...]
     description: str = ""
+    text: str = ""  # the spec file as written
 
     def layer(self, name: str) -> LayerSpec:
         return next(layer for layer in self.layers if layer.name == name)
 
     def to_dict(self) -> dict[str, Any]:
-        """The spec as plain JSON-able data (what the HDF5 file records)."""
+        """The spec as plain JSON-able data with defaults filled in, plus the file's own text."""
         return {
+            "text": self.text,
             "model": {"name": self.name, "description": self.description, "weights": self.weights.name},
             "input": {
                 "size": list(self.input.size),
@@ -194,7 +197,7 @@ def load_spec(model: str | Path | None = None) -> ModelSpec:
         raw = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise SpecError(f"{path}: cannot parse model spec: {exc}") from None
-    return parse_spec(raw, path, source)
+    return dataclasses.replace(parse_spec(raw, path, source), text=text)
 
 
 def parse_spec(raw: Any, path: Path, source: str | None = None) -> ModelSpec:

@@ -6,6 +6,7 @@ Memory stays at one chunk (at most about 1 MiB) whatever the file's size.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,7 @@ import h5py
 import numpy as np
 
 from . import schema
-from .errors import FmapFileError
+from .errors import FmapFileError, first_line
 
 
 @dataclass
@@ -70,10 +71,21 @@ class FileSummary:
     layers: list[LayerSummary]
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able data; NaN and infinities (e.g. maps that overflowed) become None (null)."""
         data = asdict(self)
         for layer, out in zip(self.layers, data["layers"], strict=True):
             out["compression_ratio"] = round(layer.compression_ratio, 4)
-        return data
+        return _finite(data)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 @contextmanager
@@ -94,6 +106,8 @@ def open_fmap(path: str | Path) -> Iterator[h5py.File]:
         version = f.attrs.get("fmap_schema_version")
         if version is None:
             raise FmapFileError(f"{path}: an HDF5 file, but not written by fmap (no fmap_schema_version)")
+        if not isinstance(version, int | np.integer):
+            raise FmapFileError(f"{path}: damaged fmap file: fmap_schema_version is {version!r}, not an integer")
         if int(version) > schema.SCHEMA_VERSION:
             raise FmapFileError(
                 f"{path}: schema version {int(version)} is newer than this fmap reads "
@@ -146,8 +160,8 @@ def read_summary(path: str | Path) -> FileSummary:
     with open_fmap(path) as f:
         try:
             return _summarise(f, str(path))
-        except (KeyError, ValueError, OSError) as exc:
-            raise FmapFileError(f"{path}: damaged fmap file: {exc}") from None
+        except Exception as exc:  # any inconsistency in a file claiming to be fmap's is damage
+            raise FmapFileError(f"{path}: damaged fmap file: {type(exc).__name__}: {first_line(exc)}") from None
 
 
 def _summarise(f: h5py.File, path: str) -> FileSummary:

@@ -52,7 +52,8 @@ def nonlinearity(name: str, params: dict[str, Any]) -> tuple[Callable[[np.ndarra
         return z.astype(np.float64)
 
     def sigmoid(z: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-f64(z)))
+        with np.errstate(over="ignore"):  # exp overflows to inf for z < -709: sigmoid is then 0, as it should be
+            return 1.0 / (1.0 + np.exp(-f64(z)))
 
     def gelu(z: np.ndarray) -> np.ndarray:
         if params.get("approximate") == "tanh":

@@ -179,8 +179,8 @@ class MapWriter:
         z = self._create_map(group, schema.PREACTIVATION, layer.output_shape, self.storage.preactivation)
         z.attrs["role"] = schema.PREACTIVATION
         z.attrs["symbol"] = "z"
-        z.attrs["long_name"] = f"pre-activation z of {layer.name} (before {layer.nonlinearity})"
-        z.attrs["description"] = schema.preactivation_description(layer.name, layer.type)
+        z.attrs["long_name"] = schema.preactivation_long_name(layer.name, layer.nonlinearity)
+        z.attrs["description"] = schema.preactivation_description(layer.name, layer.type, layer.nonlinearity)
         if layer.has_activation:
             a = self._create_map(group, schema.ACTIVATION, layer.output_shape, self.storage.activation)
             a.attrs["role"] = schema.ACTIVATION
