@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 DEMO_IMAGE := sample_images/cat.jpg
 
-.PHONY: install test demo lint docs clean
+.PHONY: install test demo lint docs bench clean
 
 install: $(BIN)/fmap
 
@@ -26,6 +26,9 @@ demo: install
 lint: install
 	$(BIN)/ruff check fmap_cli tests scripts
 	$(BIN)/ruff format --check fmap_cli tests scripts
+
+bench: install
+	$(BIN)/python scripts/bench.py
 
 docs: install
 	$(BIN)/python scripts/sync_readme.py

@@ -229,6 +229,7 @@ class Recorder:
         self._geo = _TensorMap()  # tensor -> receptive-field geometry
         self._tags = _TensorMap()  # tensor -> [(layer, role)] for the provenance of inputs
         self._inside_leaf = 0  # > 0 inside a leaf module, whose own ops are not layers
+        self._busy = False  # True while the recorder itself works inside a module hook
 
     def start(self, x: torch.Tensor) -> None:
         """The model's input tensor."""
@@ -236,8 +237,26 @@ class Recorder:
         self._tags.set(x, [("input", "input")])
 
     # ----------------------------------------------------------------------------- events
+    @contextmanager
+    def _own_work(self) -> Iterator[None]:
+        """The recorder's own tensor ops (copies) are not events of the model."""
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._busy = False
+
     def enter(self, path: str, type_: str, kind: str, x: torch.Tensor | None, hyper: dict[str, Any]) -> None:
         """A module call begins; ``x`` is its first tensor input."""
+        with self._own_work():
+            self._enter(path, type_, kind, x, hyper)
+
+    def exit(self, output: Any) -> None:
+        """The innermost module call returned ``output``."""
+        with self._own_work():
+            self._exit(output)
+
+    def _enter(self, path: str, type_: str, kind: str, x: torch.Tensor | None, hyper: dict[str, Any]) -> None:
         self._tick()
         name = self._name(path)
         scope = _Scope(name, path, kind, type_, x, self._lineage.get(x, {}))
@@ -251,8 +270,7 @@ class Recorder:
             info.path_to_activation = [name]
             scope.x = self._keep_input(name, x)
 
-    def exit(self, output: Any) -> None:
-        """The innermost module call returned ``output``."""
+    def _exit(self, output: Any) -> None:
         scope = self._scopes.pop()
         if scope.kind != "container":
             self._inside_leaf -= 1
@@ -274,6 +292,8 @@ class Recorder:
 
     def op(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any], run: Callable[[], Any]) -> Any:
         """An operation: run it, record what it means for the layers, and return its result."""
+        if self._busy:
+            return run()
         name, _ = op_name(func)
         x = _first_tensor(args)
         geo_in = self._geo.get(x) if x is not None else None
