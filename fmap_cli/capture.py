@@ -299,6 +299,7 @@ class Recorder:
         geo_in = self._geo.get(x) if x is not None else None
         lineage = self._lineage.get(x, {}) if x is not None else {}
         container_op = not self._inside_leaf and x is not None
+        operands = [(a, self._lineage.get(a, {})) for a in args if isinstance(a, torch.Tensor) and a.dim() > 0]
         layer = None
         if container_op and (name in NONLINEAR_OPS or name in LINEAR_OPS):
             layer = self._name(f"{self._scopes[-1].path}:{name}")
@@ -314,9 +315,7 @@ class Recorder:
         if container_op and out is not None and x is not None:
             if layer is None:
                 if name in PASS_OPS:
-                    others = [a for a in args[1:] if isinstance(a, torch.Tensor) and a.dim() > 0]
-                    label = f"{name}(+{self._describe(others[0])})" if others else name
-                    self._propagate(lineage, x, out, label)
+                    self._join(name, operands, out)
             else:
                 info = self.layers[layer]
                 info.output_shape = tuple(out.shape[1:])
@@ -356,14 +355,32 @@ class Recorder:
         self._store(info.name, "z", z)
 
     def _propagate(self, lineage: dict[str, list[str]], x: torch.Tensor, out: torch.Tensor, label: str) -> None:
-        live = {origin: path for origin, path in lineage.items() if origin not in self._resolved}
-        if not live or out.shape != x.shape:
+        """A shape-preserving leaf module (batch norm, dropout) ran on x."""
+        if out.shape != x.shape:
             return
-        merged = dict(self._lineage.get(out, {})) if out is not x else {}
-        for origin, path in live.items():
-            merged[origin] = [*path, label]
+        live = self._extended(lineage, label)
+        if live:
+            earlier = {} if out is x else self._lineage.get(out, {})
+            self._lineage.set(out, {**earlier, **live})
+
+    def _join(self, name: str, operands: list[tuple[torch.Tensor, dict[str, list[str]]]], out: torch.Tensor) -> None:
+        """An elementwise op: z followed through any operand of the output's shape, e.g. both sides
+        of a residual add; ``add(+X)`` names the other operand X that joins there."""
+        merged: dict[str, list[str]] = {}
+        for i, (operand, lineage) in enumerate(operands):
+            others = [o for j, (o, _) in enumerate(operands) if j != i]
+            label = f"{name}(+{self._describe(others[0])})" if others else name
+            if operand.shape == out.shape:
+                merged.update(self._extended(lineage, label))
+        if merged:
+            earlier = {} if any(out is o for o, _ in operands) else self._lineage.get(out, {})
+            self._lineage.set(out, {**earlier, **merged})
+
+    def _extended(self, lineage: dict[str, list[str]], label: str) -> dict[str, list[str]]:
+        live = {origin: [*path, label] for origin, path in lineage.items() if origin not in self._resolved}
+        for origin in live:
             self._touch(self.layers[origin])
-        self._lineage.set(out, merged)
+        return live
 
     def _finish_container(self, info: LayerInfo, scope: _Scope, out: torch.Tensor) -> None:
         last = scope.last_nonlinearity
@@ -433,7 +450,10 @@ class Recorder:
         if out is None or out.dim() != 4 or geo_in is None or x is None or x.dim() != 4:
             return
         new = _window_geo(name, args, kwargs, geo_in)
-        if new is None and out.shape[-2:] == x.shape[-2:]:  # elementwise: the widest input's field
+        if name.startswith("adaptive_") and tuple(out.shape[-2:]) == (1, 1):  # global pooling: the whole image
+            h, w = self.image_size
+            new = (float(h), float(w), float(h), float(w), (h - 1) / 2, (w - 1) / 2)
+        elif new is None and out.shape[-2:] == x.shape[-2:]:  # elementwise: the widest input's field
             others = [g for g in (self._geo.get(a) for a in args[1:] if isinstance(a, torch.Tensor)) if g]
             new = (max([geo_in[0], *(g[0] for g in others)]), max([geo_in[1], *(g[1] for g in others)]), *geo_in[2:])
         if new is not None:
@@ -579,12 +599,13 @@ def _eval(model: nn.Module) -> Iterator[None]:
     if is_exported(model):  # an exported program is fixed at export time (it refuses .eval())
         yield
         return
-    was_training = model.training
+    flags = [(module, module.training) for module in model.modules()]  # may differ (frozen parts)
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in flags:
+            module.training = training
 
 
 def discover(model: nn.Module, x: torch.Tensor) -> dict[str, LayerInfo]:

@@ -221,14 +221,24 @@ def layers(
         found = pipeline.describe_layers(loaded, size, size_flag=size is not None)
         keep = pipeline.select_layers(found, patterns, loaded) if patterns else loaded.selectable or list(found)
         found = {name: found[name] for name in keep}
-    width = max([5, *(len(name) for name in found)])
-    click.echo(f"{'layer':<{width}}  {'type':<16} {'output':<14} {'rf':<9} {'stride':<7} {'f':<10} z -> a")
+    rows = [("layer", "type", "output", "rf", "stride", "f", "z -> a")]
     for name, info in found.items():
-        shape = "x".join(str(n) for n in info.output_shape)
-        rf = "?" if info.receptive_field[0] < 0 else "x".join(str(n) for n in info.receptive_field)
-        stride = "?" if info.stride[0] < 0 else "x".join(str(n) for n in info.stride)
-        path = " -> ".join(info.path_to_activation)
-        click.echo(f"{name:<{width}}  {info.type:<16} {shape:<14} {rf:<9} {stride:<7} {info.nonlinearity:<10} {path}")
+        rows.append(
+            (
+                name,
+                info.type,
+                "x".join(str(n) for n in info.output_shape),
+                "?" if info.receptive_field[0] < 0 else "x".join(str(n) for n in info.receptive_field),
+                "?" if info.stride[0] < 0 else "x".join(str(n) for n in info.stride),
+                info.nonlinearity,
+                " -> ".join(info.path_to_activation),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        click.echo(
+            ("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1]).rstrip()
+        )
 
 
 @cli.command()

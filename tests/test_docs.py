@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import re
+import shlex
 
+import pytest
+
+from click.testing import CliRunner
 from conftest import REPO
 
 from fmap_cli import schema
@@ -28,3 +32,15 @@ def test_readme_starts_with_the_two_setup_commands() -> None:
     assert "make demo" in quick_start
     assert "make test" in quick_start
     assert "PATH" in quick_start
+
+
+def test_readme_layers_examples_are_real_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # the example names tests/zoo.py relative to the repository
+    block = README.split("```sh\n$ fmap layers\n", 1)[1].split("```", 1)[0]
+    default, rest = block.split("$ fmap layers --model ", 1)
+    command, expected = rest.split("\n", 1)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["layers"]).output == default
+    args = ["layers", "--model", *shlex.split(command)]
+    result = runner.invoke(cli, args, catch_exceptions=False)
+    assert result.output == expected
