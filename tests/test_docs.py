@@ -6,7 +6,6 @@ import re
 import shlex
 
 import pytest
-
 from click.testing import CliRunner
 from conftest import REPO
 
