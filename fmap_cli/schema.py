@@ -29,6 +29,14 @@ GLOSSARY = (
     "group's 'input' and 'input_via' attributes say where its input came from."
 )
 
+PAIRING_RULE = (
+    "How z and a are paired. A conv or linear layer (or any other leaf module): z = its output; a = the "
+    "output of the first nonlinearity reached by following z through shape-preserving ops (batch norm, "
+    "residual add, dropout, identity), listed in the layer's 'path_to_activation'. A nonlinearity: z = its "
+    "input, a = its output. A container (e.g. a ResNet block): a = its output, z = the input of its final "
+    "nonlinearity if it ends in one. No nonlinearity reached: z only."
+)
+
 ALSO_KNOWN_AS = {
     "relu": "feature map, activation map, rectified feature map",
 }
@@ -118,10 +126,15 @@ SCHEMA: tuple[Node, ...] = (
                 "The model as JSON: for spec files the parsed spec with defaults and the file's own text "
                 "('text'); for PyTorch models the source, factory arguments and architecture (repr).",
             ),
-            Attr("weights_sha256", "str", "SHA-256 of the weights file's bytes."),
+            Attr(
+                "weights_sha256",
+                "str",
+                "SHA-256 of the weights file's bytes, or of the parameters (names, shapes, bytes) without a file.",
+            ),
             Attr("preprocessing", "str (JSON)", "Every preprocessing step applied, with its parameters."),
             Attr("layers", "str[]", "Names of the stored layers, in forward order."),
             Attr("glossary", "str", "Human-readable definitions of z, a and 'feature map'."),
+            Attr("pairing_rule", "str", "How each layer's z and a were chosen (the rule, in words)."),
         ),
     ),
     Node("/N", "dataset", "Image index 0..N-1: dimension scale N of /input and every map.", "int64", "(N,)"),
@@ -232,6 +245,7 @@ SCHEMA: tuple[Node, ...] = (
 def render() -> str:
     """The schema as plain-text documentation (what ``fmap schema`` prints)."""
     lines = [f"fmap HDF5 schema, version {SCHEMA_VERSION}", "", *textwrap.wrap(GLOSSARY, 100), ""]
+    lines += [*textwrap.wrap(PAIRING_RULE, 100), ""]
     for node in SCHEMA:
         kind = node.kind if not node.dtype else f"{node.dtype} {node.shape}"
         optional = "" if node.required else ", optional"

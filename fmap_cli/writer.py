@@ -138,6 +138,7 @@ class MapWriter:
         f.attrs["n_images"] = np.int64(0)
         f.attrs["layers"] = np.array([layer.name for layer in self.layers], dtype=STR)
         f.attrs["glossary"] = schema.GLOSSARY
+        f.attrs["pairing_rule"] = schema.PAIRING_RULE
         for key, value in self.attrs.items():
             f.attrs[key] = safe_text(value) if isinstance(value, str) else value
         n_scale = f.create_dataset("N", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
