@@ -6,6 +6,7 @@ This is the only module that knows every stage; each stage lives in its own modu
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import time
@@ -287,6 +288,8 @@ def extract(
         "model_spec": json.dumps(model.description, ensure_ascii=True),
         "weights_sha256": model.weights_sha256,
         "preprocessing": json.dumps(prep.describe(), ensure_ascii=True),
+        "input_list_sha256": input_list_sha256(options.images),
+        "n_inputs": np.int64(len(options.images)),
     }
     writer: MapWriter | None = None
     verified = 0
@@ -341,6 +344,11 @@ def extract(
         seconds=time.perf_counter() - started,
         values_verified=verified,
     )
+
+
+def input_list_sha256(paths: Sequence[str]) -> str:
+    """Fingerprint of an input list (one path a line, as given), shared by every shard of a job."""
+    return hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _check(stop_requested: Callable[[], int | None]) -> None:

@@ -18,6 +18,7 @@ ACTIVATION = "activation"
 LAYERS = "layers"
 IMAGES = "images"
 INPUT = "input"
+STATS = "stats"
 DIM_NAMES = ("N", "C", "H", "W")
 
 GLOSSARY = (
@@ -135,6 +136,17 @@ SCHEMA: tuple[Node, ...] = (
             Attr("layers", "str[]", "Names of the stored layers, in forward order."),
             Attr("glossary", "str", "Human-readable definitions of z, a and 'feature map'."),
             Attr("pairing_rule", "str", "How each layer's z and a were chosen (the rule, in words)."),
+            Attr("input_list_sha256", "str", "SHA-256 of the whole input list (before sharding), one path a line."),
+            Attr("n_inputs", "int64", "Length of that whole input list."),
+            Attr("shard_index", "int64", "K of --shard K/N (0-based); absent when not sharded.", False),
+            Attr("shard_count", "int64", "N of --shard K/N; absent when not sharded.", False),
+            Attr("merged_from", "str[]", "The shard files `fmap merge` combined (merged files only).", False),
+            Attr(
+                "virtual",
+                "int8",
+                "1 for `fmap merge --virtual`: maps are HDF5 virtual datasets over the shards.",
+                False,
+            ),
         ),
     ),
     Node("/N", "dataset", "Image index 0..N-1: dimension scale N of /input and every map.", "int64", "(N,)"),
@@ -159,6 +171,20 @@ SCHEMA: tuple[Node, ...] = (
         "(N, 2)",
     ),
     Node("/images/sha256", "dataset", "SHA-256 of each image file's bytes.", "str", "(N,)"),
+    Node(
+        "/images/index",
+        "dataset",
+        "Position of each image in the whole input list (0-based), so shards and merges keep input order.",
+        "int64",
+        "(N,)",
+    ),
+    Node(
+        "/failures",
+        "group",
+        "Images skipped with --skip-bad: datasets index (int64, position in the input list), path (str) "
+        "and reason (str), one entry per failed image.",
+        required=False,
+    ),
     Node(
         f"/{INPUT}",
         "dataset",
@@ -237,6 +263,17 @@ SCHEMA: tuple[Node, ...] = (
             Attr("long_name", "str", "Short label for plotting tools (xarray, netCDF)."),
             Attr("description", "str", "One sentence saying what this dataset is and how it relates to z."),
         ),
+        required=False,
+    ),
+    Node(
+        f"/{LAYERS}/{{layer}}/{STATS}",
+        "group",
+        "Statistics computed while writing, so readers need not scan the maps. Per image and channel "
+        "(N, C): image_max, image_mean and image_zero_fraction of a (of z when there is no a; attribute "
+        "'role' says which), and image_argmax (N, C, 2) int64, the (row, col) of image_max in the map. Per "
+        "channel over every image (C,), float64: preactivation_min/max/mean/std and, with a, "
+        "activation_min/max/mean/std.",
+        attrs=(Attr("role", "str", "Which map the per-image statistics describe ('activation' or 'preactivation')."),),
         required=False,
     ),
 )

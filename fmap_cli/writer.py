@@ -144,7 +144,8 @@ class MapWriter:
         n_scale = f.create_dataset("N", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
         n_scale.make_scale("N")
         images = f.create_group(schema.IMAGES)
-        for name, dtype, shape in (("path", STR, ()), ("sha256", STR, ()), ("original_size", np.int64, (2,))):
+        columns = (("path", STR, ()), ("sha256", STR, ()), ("original_size", np.int64, (2,)), ("index", np.int64, ()))
+        for name, dtype, shape in columns:
             ds = images.create_dataset(
                 name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(1024, *shape)
             )
@@ -225,8 +226,12 @@ class MapWriter:
         sha256: Sequence[str],
         maps: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
         pixels: np.ndarray | None = None,
+        indices: Sequence[int] | None = None,
     ) -> None:
-        """Append one batch: image records, every layer's (z, a) and, if stored, the input tensor."""
+        """Append one batch: image records, every layer's (z, a) and, if stored, the input tensor.
+
+        ``indices`` are the images' positions in the whole input list (default: consecutive).
+        """
         f = self._file
         assert f is not None, "append() outside 'with'"
         start, count = self.n_images, len(paths)
@@ -240,6 +245,7 @@ class MapWriter:
         put(f["images/path"], [safe_text(p) for p in paths])
         put(f["images/sha256"], list(sha256))
         put(f["images/original_size"], original_sizes)
+        put(f["images/index"], np.arange(start, stop) if indices is None else np.asarray(indices, dtype=np.int64))
         if self.input_shape is not None and pixels is not None:
             put(f[schema.INPUT], pixels)
         for layer in self.layers:
