@@ -29,6 +29,7 @@ lint: install
 
 bench: install
 	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench_pipeline.py
 
 docs: install
 	$(BIN)/python scripts/sync_readme.py

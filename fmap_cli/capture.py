@@ -19,8 +19,8 @@ Pairing rule (also in the README and in every file's ``path_to_activation`` attr
 * container: a = its output and z = the input of its final nonlinearity, if it ends in one;
 * no nonlinearity reached: z only.
 
-Every captured tensor is cloned at the moment it exists, so later in-place ops (``ReLU(inplace=True)``,
-``+=``) cannot change it.
+Captured tensors are held by reference and copied just before an in-place op (``ReLU(inplace=True)``,
+``+=``, ``out=``) would write into their memory, so what is stored is what the layer computed.
 """
 
 from __future__ import annotations
@@ -139,15 +139,25 @@ class _TensorMap:
         self._items[id(t)] = (weakref.ref(t), value)
 
 
+class _Box:
+    """A captured tensor, held by reference until an in-place op would change it (then copied)."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
 @dataclass
 class _Scope:
     name: str
     path: str
     kind: str
     type: str
-    x: torch.Tensor | None  # the module's input (a copy for a wanted nonlinearity)
+    x: torch.Tensor | None  # the module's input
     x_lineage: dict[str, list[str]] = field(default_factory=dict)  # read before the module ran
-    last_nonlinearity: tuple[str, torch.Tensor | None, Any] | None = None  # (name, input clone, output)
+    x_box: _Box | None = None  # the input, held for a wanted nonlinearity or container
+    last_nonlinearity: tuple[str, _Box | None, Any] | None = None  # (name, held input, output)
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -220,7 +230,6 @@ class Recorder:
         self.stop_at = stop_at
         self.image_size = image_size
         self.layers: dict[str, LayerInfo] = {}
-        self.maps: dict[str, LayerMaps] = {}
         self.events = 0
         self._scopes = [_Scope("", "", "container", "", None)]  # the model itself; not a layer
         self._calls: dict[str, int] = {}
@@ -230,6 +239,16 @@ class Recorder:
         self._tags = _TensorMap()  # tensor -> [(layer, role)] for the provenance of inputs
         self._inside_leaf = 0  # > 0 inside a leaf module, whose own ops are not layers
         self._busy = False  # True while the recorder itself works inside a module hook
+        self._boxes: list[_Box] = []  # every tensor held for a wanted map
+        self._wanted_boxes: dict[str, dict[str, _Box]] = {}  # layer -> role -> held tensor
+
+    @property
+    def maps(self) -> dict[str, LayerMaps]:
+        """The captured maps of the wanted layers."""
+        return {
+            name: LayerMaps(roles["z"].t if "z" in roles else None, roles["a"].t if "a" in roles else None)
+            for name, roles in self._wanted_boxes.items()
+        }
 
     def start(self, x: torch.Tensor) -> None:
         """The model's input tensor."""
@@ -268,7 +287,7 @@ class Recorder:
             info.nonlinearity = NONLINEAR_MODULES.get(type_, type_.lower())
             info.nonlinearity_params = hyper.get("params", {})
             info.path_to_activation = [name]
-            scope.x = self._keep_input(name, x)
+            scope.x_box = self._keep_input(name, x)
 
     def _exit(self, output: Any) -> None:
         scope = self._scopes.pop()
@@ -281,7 +300,7 @@ class Recorder:
             info.output_shape = tuple(out.shape[1:])
             self._set_geometry(info, out)
             if scope.kind == "nonlinearity":
-                self._nonlinearity(info, scope.x_lineage, scope.x, out)
+                self._nonlinearity(info, scope.x_lineage, scope.x_box, out)
             elif scope.kind == "container":
                 self._finish_container(info, scope, out)
             else:  # linear, pass or other leaf: its output is z
@@ -294,7 +313,9 @@ class Recorder:
         """An operation: run it, record what it means for the layers, and return its result."""
         if self._busy:
             return run()
-        name, _ = op_name(func)
+        name, inplace = op_name(func)
+        writes = inplace or kwargs.get("inplace") is True or "out" in kwargs or name == "setitem"
+        target = kwargs.get("out", args[0] if args else None) if writes else None
         x = _first_tensor(args)
         geo_in = self._geo.get(x) if x is not None else None
         lineage = self._lineage.get(x, {}) if x is not None else {}
@@ -308,7 +329,8 @@ class Recorder:
             info = self._new_layer(layer, kind, name, self._scopes[-1].path, {"params": params}, x)
             if kind == "nonlinearity":
                 info.nonlinearity, info.nonlinearity_params, info.path_to_activation = name, params, [layer]
-                x = self._keep_input(layer, x)  # before an in-place op overwrites it
+                x_box = self._keep_input(layer, x)
+        self._protect(target)  # after holding this op's own input, before it is overwritten
         result = run()
         out = _first_tensor(result)
         self._op_geometry(name, args, kwargs, x, geo_in, out)
@@ -321,16 +343,14 @@ class Recorder:
                 info.output_shape = tuple(out.shape[1:])
                 self._set_geometry(info, out)
                 if info.kind == "nonlinearity":
-                    self._nonlinearity(info, lineage, x, out)
+                    self._nonlinearity(info, lineage, x_box, out)
                 else:
                     self._start_lineage(info, out)
         self._tick()
         return result
 
     # ----------------------------------------------------------------------------- rules
-    def _nonlinearity(
-        self, info: LayerInfo, lineage: dict[str, list[str]], x: torch.Tensor | None, out: torch.Tensor
-    ) -> None:
+    def _nonlinearity(self, info: LayerInfo, lineage: dict[str, list[str]], x: _Box | None, out: torch.Tensor) -> None:
         """f ran on x (lineage read before it ran): every layer whose z reaches x gets a = out."""
         for origin, path in lineage.items():
             if origin in self._resolved:
@@ -342,7 +362,7 @@ class Recorder:
             self._touch(source)
             self._store(origin, "a", out)
             self._tag(out, origin, "activation")
-        self._store(info.name, "z", x, copy=False)  # x is already a copy when this layer is wanted
+        self._store(info.name, "z", x)
         self._store(info.name, "a", out)
         self._tag(out, info.name, "activation")
         for scope in self._scopes:
@@ -388,7 +408,7 @@ class Recorder:
             final = self.layers[last[0]]
             info.nonlinearity, info.nonlinearity_params = final.nonlinearity, final.nonlinearity_params
             info.path_to_activation = [last[0]]
-            self._store(info.name, "z", last[1], copy=False)
+            self._store(info.name, "z", last[1])
             self._store(info.name, "a", out)
             self._tag(out, info.name, "activation")
         else:
@@ -399,16 +419,33 @@ class Recorder:
     def _wants(self, name: str) -> bool:
         return self.wanted is not None and name in self.wanted
 
-    def _keep_input(self, name: str, x: torch.Tensor | None) -> torch.Tensor | None:
-        """A copy of a nonlinearity's input when this layer or an enclosing container needs it."""
+    def _keep_input(self, name: str, x: torch.Tensor | None) -> _Box | None:
+        """Hold a nonlinearity's input when this layer or an enclosing container needs it."""
         needed = self._wants(name) or any(s.kind == "container" and self._wants(s.name) for s in self._scopes)
-        return x.detach().clone() if x is not None and needed else x
+        return self._hold(x) if x is not None and needed else None
 
-    def _store(self, name: str, role: str, t: torch.Tensor | None, copy: bool = True) -> None:
+    def _hold(self, t: torch.Tensor) -> _Box:
+        box = _Box(t.detach())
+        self._boxes.append(box)
+        return box
+
+    def _protect(self, target: Any) -> None:
+        """An in-place op is about to write into ``target``: copy every held tensor sharing its memory.
+
+        Copying only then (instead of every captured map) halves the memory traffic of capture on
+        small networks, where that traffic is the cost.
+        """
+        if not isinstance(target, torch.Tensor) or not self._boxes:
+            return
+        storage = target.untyped_storage().data_ptr()
+        for box in self._boxes:
+            if box.t.untyped_storage().data_ptr() == storage:
+                box.t = box.t.clone()
+
+    def _store(self, name: str, role: str, t: torch.Tensor | _Box | None) -> None:
         if t is None or not self._wants(name):
             return
-        maps = self.maps.setdefault(name, LayerMaps())
-        setattr(maps, role, t.detach().clone() if copy else t)
+        self._wanted_boxes.setdefault(name, {})[role] = t if isinstance(t, _Box) else self._hold(t)
 
     def _name(self, base: str) -> str:
         count = self._calls.get(base, 0) + 1

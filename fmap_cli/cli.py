@@ -7,9 +7,11 @@ Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,15 +105,34 @@ def cli() -> None:
     """
 
 
+class CodecType(click.ParamType):
+    """``none``, ``lzf``, ``gzip`` or ``gzip:LEVEL``."""
+
+    name = "none|lzf|gzip[:N]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str | None, int]:
+        if isinstance(value, tuple):
+            return value
+        codec, _, level = str(value).partition(":")
+        if codec in ("none", "lzf") and not level:
+            return (None if codec == "none" else codec, 0)
+        if codec == "gzip" and (not level or (level.isdigit() and 0 <= int(level) <= 9)):
+            return ("gzip", int(level) if level else 1)
+        self.fail(f"expected none, lzf, gzip or gzip:0-9, got {value!r}", param, ctx)
+
+
 @cli.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=str))
+@click.argument("images", nargs=-1, type=click.Path(path_type=str))
+@click.option("-r", "--recursive", is_flag=True, help="Look for images in subdirectories of directories given.")
+@click.option("--files-from", metavar="FILE", help="Read image paths from FILE, one a line ('-' = stdin).")
+@click.option("-0", "--null", "nul", is_flag=True, help="Paths in --files-from are NUL-separated (find -print0).")
 @model_options
 @click.option(
     "-l",
     "--layers",
     callback=_split_layers,
     metavar="L1,L2",
-    help="Layers to store (default: every layer with a nonlinearity).",
+    help="Layer names or globs to store (default: conv/linear layers followed by a nonlinearity; see 'fmap layers').",
 )
 @click.option(
     "-o",
@@ -125,37 +146,135 @@ def cli() -> None:
 @click.option(
     "-b", "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per forward pass."
 )
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (cuda when available).")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]", help="Where the model runs.")
 @click.option("--size", type=SizeType(), help="Input size N or H,W fed to the network (overrides the model's).")
 @click.option("--no-resize", is_flag=True, help="Feed images at their own size (all must be equal).")
 @click.option("--save-input", is_flag=True, help="Also store the exact input tensor as /input.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Storage type of the maps (float16 halves the bytes; values over 65504 are refused).",
+)
+@click.option(
+    "--compression",
+    type=CodecType(),
+    default="gzip:1",
+    show_default=True,
+    help="Codec for a (sparse: gzip:1 saves about 2-3.5x).",
+)
+@click.option(
+    "--z-compression",
+    type=CodecType(),
+    default="none",
+    show_default=True,
+    help="Codec for z (dense: gzip saves under 1.2x for about 20x the write time).",
+)
+@click.option(
+    "--store", "roles", default="z,a", show_default=True, metavar="z,a", help="Which maps to store: z, a or both."
+)
+@click.option("--skip-bad", is_flag=True, help="Record unreadable images in the file and go on (exit code 1).")
+@click.option(
+    "--shard",
+    metavar="K/N",
+    help="Process the K-th (from 0) of N shares of the input list (default: from SLURM_ARRAY_*).",
+)
+@click.option("--resume", is_flag=True, help="Continue a killed run from its temporary file beside OUT.")
+@click.option("--append", is_flag=True, help="Add the images to the existing, finished OUT.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--verify", is_flag=True, help="Re-check a == f(z) for every stored value before finishing.")
-def extract(images: tuple[str, ...], out: Path, **options: Any) -> None:
-    """Run IMAGES through the model and store z and a of each layer in one HDF5 file.
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Image-decoding threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout instead of the output path.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or messages on stderr (errors still).")
+def extract(
+    images: tuple[str, ...], recursive: bool, files_from: str | None, nul: bool, out: Path, dtype: str,
+    compression: tuple[str | None, int], z_compression: tuple[str | None, int], roles: str, shard: str | None,
+    as_json: bool, quiet: bool, **options: Any,
+) -> None:  # fmt: skip
+    """Run images through the model and store z and a of each layer in one HDF5 file.
 
-    Prints the output path on stdout; progress goes to stderr. Nothing is left at OUT on error.
-    Exit codes: 0 done, 1 failed (bad image, model or file), 2 usage error.
+    IMAGES are files or directories (their images, by extension; deeper with --recursive).
+    Prints the output path on stdout (or, with --json, a summary); progress goes to stderr.
+    The file appears at OUT only when complete; on error nothing is left there.
+
+    \b
+    Exit codes: 0 done; 1 finished but some images failed (--skip-bad), or
+    failed (bad image, model or file: one line on stderr); 2 usage error.
 
     \b
       fmap extract cat.jpg dog.png --layers conv1,conv2 -o maps.h5
       fmap inspect "$(fmap extract cat.jpg -o maps.h5 --overwrite)"
+      find photos -name '*.jpg' -print0 | fmap extract --files-from - -0 --skip-bad -o maps.h5
     """
+    report = _Reporter(quiet)
     with _errors(), _signals_recorded() as received:
         from . import extract as pipeline  # torch loads here, not for --help
+        from .inputs import expand, parse_shard, read_path_list, shard_from_env
         from .models import parse_model_args
+        from .writer import Storage
 
-        model_args = parse_model_args(options.pop("model_args"))
+        paths = expand(images, recursive) + (read_path_list(files_from, nul) if files_from else [])
+        storage = Storage(
+            preactivation=z_compression, activation=compression, dtype=dtype, roles=_roles(roles),
+        )  # fmt: skip
         result = pipeline.extract(
             pipeline.ExtractOptions(
-                images=list(images), out=out, model_args=model_args, command=shlex.join(sys.argv), **options
+                images=paths,
+                out=out,
+                model_args=parse_model_args(options.pop("model_args")),
+                storage=storage,
+                shard=parse_shard(shard) if shard else shard_from_env(os.environ),
+                command=shlex.join(sys.argv),
+                **options,
             ),
-            log=lambda message: click.echo(message, err=True),
+            log=report.log,
             stop_requested=lambda: received[0] if received else None,
+            progress=report.progress,
         )
-    images = f"{result.n_images} image" + ("s" if result.n_images != 1 else "")
-    click.echo(f"wrote {images} x {len(result.layers)} layers in {result.seconds:.1f} s", err=True)
-    click.echo(str(result.out))
+    report.done(result.images_written, len(result.failures), len(result.layers), result.seconds)
+    click.echo(json.dumps(result.to_dict()) if as_json else str(result.out))
+    if result.failures:
+        sys.exit(1)
+
+
+def _roles(text: str) -> frozenset[str]:
+    names = {"z": "preactivation", "a": "activation", "preactivation": "preactivation", "activation": "activation"}
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    if not chosen or any(part not in names for part in chosen):
+        raise click.BadParameter(f"expected z, a or z,a, got {text!r}", param_hint="--store")
+    return frozenset(names[part] for part in chosen)
+
+
+class _Reporter:
+    """Messages and a progress line on stderr; the progress line only on a terminal."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.live = not quiet and sys.stderr.isatty()
+        self.started = time.monotonic()
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            self._clear()
+            click.echo(message, err=True)
+
+    def progress(self, done: int, total: int) -> None:
+        if not self.live:
+            return
+        elapsed = time.monotonic() - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        click.echo(f"\r{done}/{total} images  {rate:.1f} img/s  ETA {eta:.0f} s ", err=True, nl=False)
+
+    def done(self, written: int, failed: int, layers: int, seconds: float) -> None:
+        images = f"{written} image" + ("s" if written != 1 else "")
+        failures = f", {failed} failed (recorded in /failures)" if failed else ""
+        self.log(f"wrote {images} x {layers} layers in {seconds:.1f} s{failures}")
+
+    def _clear(self) -> None:
+        if self.live:
+            click.echo("\r\033[K", err=True, nl=False)
 
 
 @contextmanager
@@ -183,17 +302,26 @@ def _signals_recorded() -> Iterator[list[int]]:
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect(file: Path, as_json: bool) -> None:
+@click.option("-l", "--layer", metavar="L", help="Only this layer.")
+@click.option("--channel", type=click.IntRange(min=0), metavar="C", help="Only this channel of --layer.")
+@click.option("--channels", is_flag=True, help="Per-channel table: z and a min/max/mean/std, zeros, dead.")
+@click.option(
+    "--top", type=click.IntRange(min=1), default=None, metavar="K", help="The K images exciting each channel most."
+)
+@click.option("--hist", is_flag=True, help="Text histogram of the activation values per layer (reads the maps).")
+def inspect(file: Path, as_json: bool, top: int | None, hist: bool, **details: Any) -> None:
     """Summarise an fmap HDF5 file: model, images, and per layer z/a statistics.
 
     \b
       fmap inspect maps.h5
+      fmap inspect maps.h5 --channels --hist
+      fmap inspect maps.h5 --layer conv2 --channel 3 --top 5
       fmap inspect maps.h5 --json | jq '.layers[].dead_channels'
     """
-    from .summary import format_summary, read_summary
+    from .summary import HIST_BINS, Details, format_summary, read_summary
 
     with _errors():
-        summary = read_summary(file)
+        summary = read_summary(file, Details(top=top or 0, hist_bins=HIST_BINS if hist else 0, **details))
     click.echo(json.dumps(summary.to_dict(), indent=2, allow_nan=False) if as_json else format_summary(summary))
 
 
@@ -260,3 +388,65 @@ def schema_command() -> None:
     from .schema import render
 
     click.echo(render(), nl=False)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-l", "--layer", required=True, metavar="L", help="The layer to draw.")
+@click.option(
+    "-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), help="PNG (default FILE.L[...].png)."
+)
+@click.option("--image", default="0", show_default=True, metavar="INDEX|PATH", help="Which image (grid, overlay).")
+@click.option("--role", type=click.Choice(["activation", "preactivation", "both"]), help="Grid: a, z, or both.")
+@click.option("--scale", type=click.Choice(["tile", "layer"]), help="Grid colour scale per tile or for the layer.")
+@click.option("--overlay", type=click.IntRange(min=0), metavar="CHANNEL", help="Heat map of CHANNEL on the image.")
+@click.option("--top", type=click.IntRange(min=1), metavar="K", help="The K patches where --channel fires most.")
+@click.option("--channel", type=click.IntRange(min=0), metavar="C", help="The channel for --top.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def render(file: Path, out: Path | None, overwrite: bool, **options: Any) -> None:
+    """Draw a layer's maps as a PNG: every channel in a grid, a heat map over the input, or top-K patches.
+
+    Grid colours: a from black (zero) up, z blue (negative), white (zero), red (positive); dead
+    channels are framed in red. Prints the PNG's path.
+
+    \b
+      fmap render maps.h5 --layer conv1 --image cat.jpg --role both
+      fmap render maps.h5 --layer conv2 --overlay 5 --image 0 -o heat.png
+      fmap render maps.h5 --layer conv2 --top 8 --channel 5
+    """
+    from .render import RenderOptions, render_png
+
+    with _errors():
+        written = render_png(RenderOptions(file=file, **options), out, overwrite)
+    click.echo(str(written))
+
+
+@cli.command()
+@click.argument("shards", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Merged HDF5 file."
+)
+@click.option("--virtual", is_flag=True, help="Virtual datasets over the shard files instead of a copy (keep them).")
+@click.option("--allow-missing", is_flag=True, help="Merge the shards given even if some shares are missing.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No messages on stderr (errors still).")
+def merge(
+    shards: tuple[Path, ...], out: Path, virtual: bool, allow_missing: bool, overwrite: bool, quiet: bool
+) -> None:
+    """Merge the files of 'fmap extract --shard K/N' into one file, images in input order.
+
+    Copies the stored chunks as they are (no recompression), or with --virtual writes HDF5
+    virtual datasets over the shards (paths relative to OUT's directory). Shards of different
+    runs, a shard given twice or a missing share are refused (exit 2). Prints OUT's path.
+
+    \b
+      fmap merge shard_*.h5 -o all.h5
+      fmap merge shard_*.h5 -o all.h5 --virtual
+    """
+    from .merge import merge_shards
+
+    report = _Reporter(quiet)
+    with _errors():
+        result = merge_shards(shards, out, virtual, overwrite, allow_missing, shlex.join(sys.argv), report.log)
+    report.log(f"merged {len(result.shards)} shards, {result.n_images} images in {result.seconds:.1f} s")
+    click.echo(str(result.out))

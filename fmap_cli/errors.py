@@ -54,6 +54,6 @@ class VerificationError(FmapError):
 class StoppedError(FmapError):
     """The run was stopped by a signal (SIGTERM from a scheduler, SIGINT from Ctrl-C)."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"interrupted by signal {signum}; no output written")
+    def __init__(self, signum: int, kept: str = "") -> None:
+        super().__init__(f"interrupted by signal {signum}; " + (kept or "no output written"))
         self.signum = signum

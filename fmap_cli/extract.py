@@ -10,7 +10,9 @@ import hashlib
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from . import schema
-from .capture import LayerInfo, capture, discover
+from .capture import LayerInfo, LayerMaps, capture, discover
 from .errors import (
     ImageError,
     ModelError,
@@ -31,18 +33,22 @@ from .errors import (
     did_you_mean,
     first_line,
 )
-from .images import Preprocessing, check_image, load_batch
+from .images import Failure, ImageBatch, Preprocessing, check_image, load_batch
+from .inputs import Shard
 from .models import LoadedModel, load_model
+from .resume import appended_list_sha256, check_appendable, find_resumable, fingerprint
 from .spec import InputSpec, ModelSpec, geometry
 from .verify import verify_pairs
-from .writer import LayerRecord, MapWriter
+from .writer import BackgroundWriter, Batch, LayerRecord, MapWriter, Storage
+
+DECODE_AHEAD = 2  # batches decoded ahead of the model per worker thread (memory: O(batch), not O(images))
 
 
 @dataclass(frozen=True)
 class ExtractOptions:
     """Everything ``fmap extract`` can be asked to do."""
 
-    images: Sequence[str]
+    images: Sequence[str]  # the whole input list (directories already expanded), in order
     out: Path
     model: str | None = None  # see models.load_model; None = the default built-in model
     weights: str | None = None
@@ -55,6 +61,12 @@ class ExtractOptions:
     size: tuple[int, int] | None = None  # overrides the model's input size
     no_resize: bool = False
     verify: bool = False
+    skip_bad: bool = False  # record undecodable images in /failures instead of stopping
+    storage: Storage = field(default_factory=Storage)
+    shard: Shard | None = None
+    resume: bool = False
+    append: bool = False
+    workers: int = 2  # decoding threads ahead of the model
     command: str = ""
 
 
@@ -63,11 +75,24 @@ class ExtractResult:
     """What a finished extraction wrote."""
 
     out: Path
-    n_images: int
+    images_written: int  # by this run
+    failures: list[Failure]
     layers: list[str]
     device: str
     seconds: float
     values_verified: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """For ``--json``."""
+        return {
+            "output": str(self.out),
+            "images_written": self.images_written,
+            "images_failed": [{"index": f.index, "path": f.path, "reason": f.reason} for f in self.failures],
+            "layers": self.layers,
+            "bytes": self.out.stat().st_size if self.out.exists() else 0,
+            "device": self.device,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def select_layers(layers: dict[str, LayerInfo], requested: Sequence[str] | None, model: LoadedModel) -> list[str]:
@@ -246,24 +271,26 @@ def extract(
     options: ExtractOptions,
     log: Callable[[str], None] = lambda message: None,
     stop_requested: Callable[[], int | None] = lambda: None,
+    progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> ExtractResult:
     """Run the whole pipeline and write ``options.out``; on any error nothing is left at OUT.
 
     Args:
         options: what to extract.
-        log: receives progress messages.
+        log: receives messages for the user.
         stop_requested: polled between batches; a signal number stops the run cleanly. Signal
             handlers set it instead of raising, because an exception raised asynchronously can
             be swallowed (inside a weakref callback) or land mid-cleanup.
+        progress: called with (images handled, images to handle) after every batch.
 
     Raises:
         FmapError: bad model, weights, layer names, images or output path.
         StoppedError: ``stop_requested`` returned a signal number.
     """
     started = time.perf_counter()
-    if options.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    check_output(options.out, options.overwrite, options.images)
+    _check_modes(options)
+    if not options.append:
+        check_output(options.out, options.overwrite or options.resume, options.images)
     device = resolve_device(options.device)
     model = load_model(options.model, options.weights, options.model_args)
     prep = preprocessing_for(model.input, options.size, options.no_resize)
@@ -271,15 +298,9 @@ def extract(
     if prep.size is not None:  # a bad layer name or too small a size fails before any image is read
         layers = describe_layers(model, prep.size, str(device), size_flag=options.size is not None)
         select_layers(layers, options.layers, model)
-    sizes = [check_image(path) for path in options.images]  # headers only: fail before any compute
-    if options.no_resize and len(set(sizes)) > 1:
-        odd = next(i for i, hw in enumerate(sizes) if hw != sizes[0])
-        raise ImageError(
-            f"{options.images[odd]}: size {sizes[odd][0]}x{sizes[odd][1]} differs from {options.images[0]} "
-            f"({sizes[0][0]}x{sizes[0][1]}); --no-resize needs images of equal size"
-        )
-    net = model.module.to(device)
-    attrs = {
+    work = options.shard.select(options.images) if options.shard else list(enumerate(options.images))
+    list_sha256 = input_list_sha256(options.images)
+    attrs: dict[str, Any] = {
         "torch_version": torch.__version__,
         "command": options.command,
         "device": str(device),
@@ -288,62 +309,256 @@ def extract(
         "model_spec": json.dumps(model.description, ensure_ascii=True),
         "weights_sha256": model.weights_sha256,
         "preprocessing": json.dumps(prep.describe(), ensure_ascii=True),
-        "input_list_sha256": input_list_sha256(options.images),
+        "input_list_sha256": list_sha256,
         "n_inputs": np.int64(len(options.images)),
     }
-    writer: MapWriter | None = None
-    verified = 0
-    size: tuple[int, int] = (0, 0)
-    with ExitStack() as stack:
-        stack.enter_context(_full_float32())
-        for start in range(0, len(options.images), options.batch_size):
-            _check(stop_requested)
-            batch = load_batch(options.images[start : start + options.batch_size], prep)
-            if writer is None:
-                size = (batch.pixels.shape[2], batch.pixels.shape[3])
-                layers = layers or describe_layers(model, size, str(device))
-                names = select_layers(layers, options.layers, model)
-                log(f"model {model.name} ({model.source}) on {device}; layers {', '.join(names)}")
-                run = stack.enter_context(capture(net, layers, names))
-                writer = MapWriter(
-                    out=options.out,
-                    layers=layer_records(model, layers, names),
-                    attrs=attrs,
-                    input_shape=(3, *size) if options.save_input else None,
-                    overwrite=options.overwrite,
-                )
-                stack.enter_context(writer)
-            try:
-                maps = run(torch.from_numpy(batch.pixels).to(device))  # (N, 3, H, W)
-            except Exception as exc:  # the model's own code: any error is the model's
-                raise ModelError(
-                    f"model {model.name}: the forward pass fails on {batch.paths[0]} and the {len(batch.paths) - 1} "
-                    f"images after it ({type(exc).__name__}: {first_line(exc)})"
-                ) from None
-            writer.append(
-                batch.paths,
-                batch.original_sizes,
-                batch.sha256,
-                {name: (_host(m.z), None if m.a is None else _host(m.a)) for name, m in maps.items()},
-                pixels=batch.pixels if options.save_input else None,
-            )
-            log(f"{writer.n_images}/{len(options.images)} images")
-            _check(stop_requested)
-        if options.verify and writer is not None:
-            report = verify_pairs(writer.file())
-            verified = report.values
-            log(f"verified a == f(z) on {report.values} values in {len(report.layers)} layers")
-            for layer, why in report.skipped.items():
-                log(f"  not re-checked: {layer} ({why})")
-            _check(stop_requested)
+    if options.shard:
+        attrs["shard_index"], attrs["shard_count"] = np.int64(options.shard.index), np.int64(options.shard.count)
+    good, failures, sizes = _check_headers(work, options)
+    size = prep.size or sizes[good[0][0]]
+    layers = layers or describe_layers(model, size, str(device))
+    names = select_layers(layers, options.layers, model)
+    ours = fingerprint(
+        {**attrs, "layers": np.array(names), "storage": json.dumps(options.storage.describe())}, options.save_input
+    )
+    plan = _continuation(options, ours, list_sha256, work, attrs, log)
+    if plan.handled:  # by the run being resumed: neither decoded again nor recorded again
+        good = [item for item in good if item[0] not in plan.handled]
+        failures = [f for f in failures if f.index not in plan.handled]
+    if plan.offset:
+        good = [(index + plan.offset, path) for index, path in good]
+        failures = [Failure(f.index + plan.offset, f.path, f.reason) for f in failures]
+    log(f"model {model.name} ({model.source}) on {device}; layers {', '.join(names)}")
+    net = model.module.to(device)
+    writer = MapWriter(
+        options.out,
+        layer_records(model, layers, names),
+        attrs,
+        (3, *size) if options.save_input else None,
+        options.storage,
+        plan.mode,
+        plan.seed,
+    )
+    try:
+        verified = 0
+        with ExitStack() as stack:
+            stack.enter_context(_full_float32())
+            run = stack.enter_context(capture(net, layers, names))
+            stack.enter_context(writer)
+            already = writer.n_images  # seeded or appended to: not written by this run
+            if plan.replaces is not None:  # its images are in the new temporary file now
+                plan.replaces.unlink(missing_ok=True)
+            with BackgroundWriter(writer) as sink, _decoded_batches(good, options, prep) as batches:
+                sink.add_failures([(f.index, f.path, f.reason) for f in failures])
+                for batch, failed in batches:
+                    _check(stop_requested)
+                    if batch is not None:
+                        maps = _forward(run, batch, model.name, device)
+                        sink.append(
+                            Batch(
+                                batch.paths,
+                                batch.original_sizes,
+                                batch.sha256,
+                                batch.indices,
+                                {name: (_host(m.z), _host(m.a)) for name, m in maps.items()},
+                                batch.pixels if options.save_input else None,
+                            )
+                        )
+                    sink.add_failures([(f.index, f.path, f.reason) for f in failed])
+                    failures.extend(failed)
+                    progress(len(work) - len(good) + batches.handled, len(work))  # resumed or failed: handled
+                    _check(stop_requested)
+            _check(stop_requested)  # a signal that came while the writer thread finished its queue
+            if writer.n_images == 0:
+                raise ImageError(_nothing_written(failures))
+            if options.verify:
+                report = verify_pairs(writer.file())
+                verified = report.values
+                log(f"verified a == f(z) on {report.values} values in {len(report.layers)} layers")
+                for layer, why in report.skipped.items():
+                    log(f"  not re-checked: {layer} ({why})")
+                _check(stop_requested)
+    except StoppedError as exc:
+        raise StoppedError(exc.signum, _kept(writer, options)) from None
     return ExtractResult(
         out=options.out,
-        n_images=len(options.images),
-        layers=[record.name for record in writer.layers] if writer else [],
+        images_written=writer.n_images - already,
+        failures=[*plan.earlier, *failures],  # a resumed job reports all its failures
+        layers=[record.name for record in writer.layers],
         device=str(device),
         seconds=time.perf_counter() - started,
         values_verified=verified,
     )
+
+
+def _kept(writer: MapWriter, options: ExtractOptions) -> str:
+    """What an interrupted run leaves, and how to continue it."""
+    if writer.mode == "append":
+        return f"{options.out} is marked incomplete (complete=0); rerun the same command (with --append) to finish it"
+    if writer.n_images and writer.path.exists():
+        return f"{writer.n_images} images kept in {writer.path}; rerun the same command with --resume to continue"
+    return "no output written"
+
+
+def _check_modes(options: ExtractOptions) -> None:
+    if options.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if options.resume and options.append:
+        raise UsageError("--resume and --append cannot be used together")
+    if options.append and (options.overwrite or options.shard):
+        raise UsageError("--append cannot be combined with --overwrite or --shard")
+    if not options.images:
+        raise UsageError("no images to process (give paths, directories or --files-from)")
+
+
+@dataclass(frozen=True)
+class _Continuation:
+    """How this run relates to earlier ones: a new file, seeded or not, or an in-place append."""
+
+    mode: str = "new"  # or "append"
+    seed: Path | None = None  # copy the images already in this file first
+    handled: frozenset[int] = frozenset()  # input-list positions the seed already handled
+    replaces: Path | None = None  # a killed run's temporary file, removed once seeded
+    offset: int = 0  # added to input-list positions: images appended follow the file's earlier inputs
+    earlier: list[Failure] = field(default_factory=list)  # failures the resumed run already recorded
+
+
+def _continuation(
+    options: ExtractOptions,
+    ours: dict[str, str],
+    list_sha256: str,
+    work: Sequence[tuple[int, str]],
+    attrs: dict[str, Any],
+    log: Callable[[str], None],
+) -> _Continuation:
+    """What --resume / --append mean for this run."""
+    if options.append:
+        previous = check_appendable(options.out, ours)
+        attrs["n_inputs"] = np.int64(previous.n_inputs + len(options.images))
+        attrs["input_list_sha256"] = appended_list_sha256(previous.list_sha256, list_sha256)
+        if previous.complete:
+            return _Continuation("append", offset=previous.n_inputs)
+        log(f"--append: {options.out} was left incomplete by an interrupted append; rebuilding it from its images")
+        return _Continuation(seed=options.out, offset=previous.n_inputs)
+    if options.resume:
+        found = find_resumable(options.out, ours, list_sha256, work, log)
+        if found is not None:
+            return _Continuation(seed=found.path, handled=found.handled, replaces=found.path, earlier=found.failures)
+    return _Continuation()
+
+
+def _nothing_written(failures: Sequence[Failure]) -> str:
+    reasons = "; ".join(f"{f.path}: {f.reason}" for f in failures[:3])
+    return f"no image could be read ({len(failures)} failed: {reasons})"
+
+
+def _forward(
+    run: Callable[[torch.Tensor], dict[str, LayerMaps]], batch: ImageBatch, model: str, device: torch.device
+) -> dict[str, LayerMaps]:
+    """Capture one batch, halving it on CUDA out-of-memory."""
+    x = torch.from_numpy(batch.pixels).to(device, non_blocking=True)  # (N, 3, H, W)
+    try:
+        return _run_halving(run, x)
+    except Exception as exc:  # the model's own code: any error is the model's
+        raise ModelError(
+            f"model {model}: the forward pass fails on {batch.paths[0]} and the {len(batch.paths) - 1} "
+            f"images after it ({type(exc).__name__}: {first_line(exc)})"
+        ) from None
+
+
+def _run_halving(run: Callable[[torch.Tensor], dict[str, LayerMaps]], x: torch.Tensor) -> dict[str, LayerMaps]:
+    try:
+        return run(x)
+    except torch.cuda.OutOfMemoryError:
+        if x.shape[0] == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = x.shape[0] // 2
+        first, second = _run_halving(run, x[:half]), _run_halving(run, x[half:])
+        return {
+            name: LayerMaps(
+                torch.cat([first[name].z, second[name].z]) if first[name].z is not None else None,
+                torch.cat([first[name].a, second[name].a]) if first[name].a is not None else None,
+            )
+            for name in first
+        }
+
+
+def _check_headers(
+    work: Sequence[tuple[int, str]], options: ExtractOptions
+) -> tuple[list[tuple[int, str]], list[Failure], dict[int, tuple[int, int]]]:
+    """Read every image header before any compute: (good items, failures, (H, W) by index).
+
+    Raises:
+        ImageError: a bad image (without --skip-bad), no good image at all, or unequal sizes
+            with --no-resize.
+    """
+    good: list[tuple[int, str]] = []
+    failures: list[Failure] = []
+    sizes: dict[int, tuple[int, int]] = {}
+    for index, path in work:
+        try:
+            sizes[index] = check_image(path)
+            good.append((index, path))
+        except ImageError as exc:
+            if not options.skip_bad:
+                raise
+            failures.append(Failure(index, path, str(exc).removeprefix(f"{path}: ")))
+    if not good:
+        raise ImageError(_nothing_written(failures))
+    if options.no_resize and len(set(sizes.values())) > 1:
+        first = good[0]
+        odd = next((i, p) for i, p in good if sizes[i] != sizes[first[0]])
+        raise ImageError(
+            f"{odd[1]}: size {sizes[odd[0]][0]}x{sizes[odd[0]][1]} differs from {first[1]} "
+            f"({sizes[first[0]][0]}x{sizes[first[0]][1]}); --no-resize needs images of equal size"
+        )
+    return good, failures, sizes
+
+
+class _Batches:
+    """Decoded batches, produced by worker threads ahead of the model, in input order."""
+
+    def __init__(
+        self, items: Sequence[tuple[int, str]], options: ExtractOptions, pool: ThreadPoolExecutor, prep: Preprocessing
+    ) -> None:
+        self.items, self.options, self.pool, self.prep = items, options, pool, prep
+        self.handled = 0  # items whose batch has been handed out
+        self._next = 0
+        self._pending: deque[tuple[int, Future[tuple[ImageBatch | None, list[Failure]]]]] = deque()
+
+    def _fill(self) -> None:
+        depth = DECODE_AHEAD * max(1, self.options.workers)
+        while len(self._pending) < depth and self._next < len(self.items):
+            chunk = self.items[self._next : self._next + self.options.batch_size]
+            self._pending.append((len(chunk), self.pool.submit(load_batch, chunk, self.prep, self.options.skip_bad)))
+            self._next += len(chunk)
+
+    def __iter__(self) -> Iterator[tuple[ImageBatch | None, list[Failure]]]:
+        while True:
+            self._fill()
+            if not self._pending:
+                return
+            count, future = self._pending.popleft()
+            result = future.result()
+            self.handled += count
+            yield result
+
+    def cancel(self) -> None:
+        for _, future in self._pending:
+            future.cancel()
+
+
+@contextmanager
+def _decoded_batches(
+    items: Sequence[tuple[int, str]], options: ExtractOptions, prep: Preprocessing
+) -> Iterator[_Batches]:
+    with ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="fmap-decode") as pool:
+        batches = _Batches(items, options, pool, prep)
+        try:
+            yield batches
+        finally:
+            batches.cancel()
 
 
 def input_list_sha256(paths: Sequence[str]) -> str:

@@ -80,6 +80,7 @@ class ImageBatch:
     original_sizes: np.ndarray  # (N, 2) int64
     sha256: list[str]
     pixels: np.ndarray  # (N, 3, H, W) float32, normalised
+    indices: list[int]  # positions in the whole input list
 
 
 def _read(path: str) -> bytes:
@@ -206,25 +207,52 @@ def preprocess(decoded: DecodedImage, prep: Preprocessing) -> np.ndarray:
     return ((pixels - mean) / std).astype(np.float32, copy=False)
 
 
-def load_batch(paths: Sequence[str], prep: Preprocessing) -> ImageBatch:
-    """Decode and preprocess ``paths`` into one batch, in the order given.
+@dataclass(frozen=True)
+class Failure:
+    """An image skipped with --skip-bad."""
+
+    index: int  # position in the whole input list
+    path: str
+    reason: str
+
+
+def load_batch(
+    items: Sequence[tuple[int, str]], prep: Preprocessing, skip_bad: bool = False
+) -> tuple[ImageBatch | None, list[Failure]]:
+    """Decode and preprocess ``(position, path)`` items into one batch, in the order given.
+
+    With ``skip_bad``, an image that cannot be decoded becomes a Failure instead of an error.
 
     Raises:
-        ImageError: a file cannot be decoded, or with ``size=None`` its size differs from the first.
+        ImageError: a file cannot be decoded (without ``skip_bad``), or with ``size=None`` its size
+            differs from the first.
     """
-    decoded = [decode_image(path, prep.background) for path in paths]
-    arrays = [preprocess(image, prep) for image in decoded]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        first = arrays[0].shape
-        odd = next(d for d, a in zip(decoded, arrays, strict=True) if a.shape != first)
-        raise ImageError(
-            f"{odd.path}: size {odd.original_size[0]}x{odd.original_size[1]} differs from "
-            f"{decoded[0].path} ({first[1]}x{first[2]}); --no-resize needs images of equal size"
-        )
-    return ImageBatch(
-        paths=[d.path for d in decoded],
-        original_sizes=np.asarray([d.original_size for d in decoded], dtype=np.int64).reshape(-1, 2),
-        sha256=[d.sha256 for d in decoded],
-        pixels=np.stack(arrays),
+    kept: list[tuple[int, DecodedImage, np.ndarray]] = []
+    failures: list[Failure] = []
+    for index, path in items:
+        try:
+            decoded = decode_image(path, prep.background)
+            kept.append((index, decoded, preprocess(decoded, prep)))
+        except ImageError as exc:
+            if not skip_bad:
+                raise
+            failures.append(Failure(index, os.fsdecode(path), str(exc).removeprefix(f"{path}: ")))
+    if not kept:
+        return None, failures
+    first = kept[0][2].shape
+    for _, decoded, array in kept:
+        if array.shape != first:
+            raise ImageError(
+                f"{decoded.path}: size {decoded.original_size[0]}x{decoded.original_size[1]} differs from "
+                f"{kept[0][1].path} ({first[1]}x{first[2]}); --no-resize needs images of equal size"
+            )
+    return (
+        ImageBatch(
+            paths=[d.path for _, d, _ in kept],
+            original_sizes=np.asarray([d.original_size for _, d, _ in kept], dtype=np.int64).reshape(-1, 2),
+            sha256=[d.sha256 for _, d, _ in kept],
+            pixels=np.stack([a for _, _, a in kept]),
+            indices=[i for i, _, _ in kept],
+        ),
+        failures,
     )

@@ -1,6 +1,8 @@
-"""Read an fmap HDF5 file and summarise it (``fmap inspect``), chunk by chunk, without torch.
+"""Read an fmap HDF5 file and summarise it (``fmap inspect``), without torch.
 
-Memory stays at one chunk (at most about 1 MiB) whatever the file's size.
+Statistics come from each layer's write-time ``stats`` group, so the summary reads kilobytes even
+of a huge file; files without one are scanned chunk by chunk (``analysis.py``), with the same
+result. Only the histogram (``--hist``) always reads the maps, one block at a time.
 """
 
 from __future__ import annotations
@@ -17,18 +19,52 @@ import h5py
 import numpy as np
 
 from . import schema
-from .errors import FmapFileError, first_line
+from .analysis import ChannelSummary, LayerStats, histogram, layer_stats, top_images
+from .errors import FmapError, FmapFileError, UnknownLayerError, UsageError, did_you_mean, first_line
+
+HIST_BINS = 20
 
 
 @dataclass
 class RoleStats:
-    """Value statistics of one map dataset over every image."""
+    """Value statistics of one map (z or a) over every image."""
 
     min: float
     max: float
     mean: float
-    fraction: float  # of zeros for a, of negatives for z
-    fraction_of: str  # "zeros" or "negatives"
+    std: float
+    zero_fraction: float | None  # only for the map the per-image statistics describe (a, else z)
+
+
+@dataclass
+class ChannelRow:
+    """One channel of ``--channels``."""
+
+    channel: int
+    preactivation: dict[str, float]  # min, max, mean, std
+    activation: dict[str, float] | None
+    zero_fraction: float  # of a (of z when there is no a), over every image
+    dead: bool
+
+
+@dataclass
+class TopImage:
+    """One image of ``--top``: where a channel's maximum was largest."""
+
+    index: int
+    path: str
+    value: float  # the channel's maximum on this image
+    row: int  # position of that maximum in the map
+    col: int
+
+
+@dataclass
+class Histogram:
+    """Counts of a map's finite values in equal bins over its range."""
+
+    role: str
+    edges: list[float]
+    counts: list[int]
 
 
 @dataclass
@@ -46,11 +82,26 @@ class LayerSummary:
     bytes_raw: int
     preactivation: RoleStats
     activation: RoleStats | None
+    stats_source: str  # "file" (write-time statistics) or "scan"
     dead_channels: list[int] = field(default_factory=list)
+    channels: list[ChannelRow] | None = None
+    top: dict[int, list[TopImage]] | None = None  # channel -> images, best first
+    histogram: Histogram | None = None
 
     @property
     def compression_ratio(self) -> float:
         return self.bytes_raw / self.bytes_on_disk if self.bytes_on_disk else float("nan")
+
+
+@dataclass(frozen=True)
+class Details:
+    """What ``fmap inspect`` adds to the summary on request."""
+
+    layer: str | None = None  # only this layer
+    channel: int | None = None  # only this channel (needs ``layer``)
+    channels: bool = False  # per-channel table
+    top: int = 0  # K images per channel that excite it most
+    hist_bins: int = 0  # histogram of the activation values; 0: none
 
 
 @dataclass
@@ -75,6 +126,8 @@ class FileSummary:
         data = asdict(self)
         for layer, out in zip(self.layers, data["layers"], strict=True):
             out["compression_ratio"] = round(layer.compression_ratio, 4)
+            if layer.top is not None:  # JSON keys are strings: a list keeps channels as numbers
+                out["top"] = [{"channel": c, "images": images} for c, images in out["top"].items()]
         return _finite(data)
 
 
@@ -120,33 +173,57 @@ def open_fmap(path: str | Path) -> Iterator[h5py.File]:
         f.close()
 
 
+@contextmanager
+def reading(path: str | Path) -> Iterator[h5py.File]:
+    """:func:`open_fmap`, turning any inconsistency inside the file into a one-line FmapFileError."""
+    with open_fmap(path) as f:
+        try:
+            yield f
+        except FmapError:
+            raise
+        except Exception as exc:  # any inconsistency in a file claiming to be fmap's is damage
+            raise FmapFileError(f"{path}: damaged fmap file: {type(exc).__name__}: {first_line(exc)}") from None
+
+
+def layer_group(f: h5py.File, layer: str) -> h5py.Group:
+    """The group of a stored layer.
+
+    Raises:
+        UnknownLayerError: not stored in this file; the message lists the stored layers.
+    """
+    stored = list(f[schema.LAYERS])
+    if layer not in stored:
+        raise UnknownLayerError(
+            f"layer '{layer}' not in {f.filename}; {did_you_mean(layer, stored)}stored layers: {', '.join(stored)}"
+        )
+    return f[schema.LAYERS][layer]
+
+
+def check_channel(group: h5py.Group, channel: int) -> None:
+    """Raise UsageError unless ``channel`` is one of the layer's channels."""
+    count = int(group.attrs["output_shape"][0])
+    if not 0 <= channel < count:
+        name = group.name.rsplit("/", 1)[-1]
+        raise UsageError(f"channel {channel} out of range: layer '{name}' has channels 0..{count - 1}")
+
+
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def scan(ds: h5py.Dataset, count: str) -> tuple[RoleStats, np.ndarray]:
-    """Statistics of a map dataset, read one chunk at a time.
-
-    Returns the stats and, per channel (axis 1), whether any value is non-zero.
-    """
-    lo, hi, total, hits, n = np.inf, -np.inf, 0.0, 0, 0
-    nonzero = np.zeros(ds.shape[1], dtype=bool)
-    if ds.size:
-        for sel in ds.iter_chunks():
-            block = ds[sel]
-            lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
-            total += float(block.sum(dtype=np.float64))
-            hits += int(np.count_nonzero(block == 0) if count == "zeros" else np.count_nonzero(block < 0))
-            n += block.size
-            nonzero[sel[1]] |= np.any(block.reshape(block.shape[0], block.shape[1], -1) != 0, axis=(0, 2))
-    stats = RoleStats(
-        min=lo if n else float("nan"),
-        max=hi if n else float("nan"),
-        mean=total / n if n else float("nan"),
-        fraction=hits / n if n else float("nan"),
-        fraction_of=count,
+def _role_stats(channels: ChannelSummary, zeros: np.ndarray | None) -> RoleStats:
+    """Whole-map statistics from per-channel ones (every channel holds the same number of values)."""
+    if channels.mean.size == 0:
+        return RoleStats(math.nan, math.nan, math.nan, math.nan, None if zeros is None else math.nan)
+    mean = float(channels.mean.mean())
+    second = float(np.mean(channels.std**2 + channels.mean**2))  # pooled E[x^2]
+    return RoleStats(
+        min=float(channels.min.min()),
+        max=float(channels.max.max()),
+        mean=mean,
+        std=math.sqrt(max(second - mean**2, 0.0)) if math.isfinite(second) else math.nan,
+        zero_fraction=None if zeros is None else float(zeros.mean(dtype=np.float64)),
     )
-    return stats, nonzero
 
 
 def _storage_bytes(*datasets: h5py.Dataset) -> tuple[int, int]:
@@ -155,43 +232,25 @@ def _storage_bytes(*datasets: h5py.Dataset) -> tuple[int, int]:
     return on_disk, raw
 
 
-def read_summary(path: str | Path) -> FileSummary:
-    """Summarise an fmap file: metadata, images, and per layer storage and z/a statistics."""
-    with open_fmap(path) as f:
-        try:
-            return _summarise(f, str(path))
-        except Exception as exc:  # any inconsistency in a file claiming to be fmap's is damage
-            raise FmapFileError(f"{path}: damaged fmap file: {type(exc).__name__}: {first_line(exc)}") from None
+def read_summary(path: str | Path, details: Details = Details()) -> FileSummary:
+    """Summarise an fmap file: metadata, images, and per layer storage and z/a statistics.
+
+    Raises:
+        FmapFileError: not a complete fmap file, or damaged.
+        UnknownLayerError, UsageError: ``details`` names a layer or channel the file lacks.
+    """
+    if details.channel is not None and details.layer is None:
+        raise UsageError("--channel needs --layer (which layer's channel?)")
+    with reading(path) as f:
+        return _summarise(f, str(path), details)
 
 
-def _summarise(f: h5py.File, path: str) -> FileSummary:
+def _summarise(f: h5py.File, path: str, details: Details) -> FileSummary:
     images = f[schema.IMAGES]
     paths = images["path"].asstr()[...]
     sizes = images["original_size"][...]
-    layers = []
-    for name in f[schema.LAYERS]:
-        group = f[schema.LAYERS][name]
-        z = group[schema.PREACTIVATION]
-        a = group.get(schema.ACTIVATION)
-        z_stats, _ = scan(z, "negatives")
-        a_stats, alive = scan(a, "zeros") if a is not None else (None, None)
-        on_disk, raw = _storage_bytes(*([z] if a is None else [z, a]))
-        layers.append(
-            LayerSummary(
-                name=name,
-                type=_text(group.attrs.get("type", "?")),
-                nonlinearity=_text(group.attrs.get("nonlinearity", "none")),
-                input=_text(group.attrs.get("input", "?")),
-                input_via=_text(group.attrs.get("input_via", "")),
-                shape=list(z.shape),
-                dtype=str(z.dtype),
-                bytes_on_disk=on_disk,
-                bytes_raw=raw,
-                preactivation=z_stats,
-                activation=a_stats,
-                dead_channels=[] if alive is None else [int(c) for c in np.flatnonzero(~alive)],
-            )
-        )
+    names = list(f[schema.LAYERS]) if details.layer is None else [details.layer]
+    layers = [_layer_summary(layer_group(f, name), name, list(paths), details) for name in names]
     order = [_text(n) for n in f.attrs.get("layers", [])]
     layers.sort(key=lambda layer: order.index(layer.name) if layer.name in order else len(order))
     return FileSummary(
@@ -210,6 +269,72 @@ def _summarise(f: h5py.File, path: str) -> FileSummary:
     )
 
 
+def _layer_summary(group: h5py.Group, name: str, paths: list[str], details: Details) -> LayerSummary:
+    stats = layer_stats(group)
+    maps = [group[role] for role in (schema.PREACTIVATION, schema.ACTIVATION) if role in group]
+    on_disk, raw = _storage_bytes(*maps)
+    a_role = stats.role == schema.ACTIVATION
+    zeros = stats.image_zero_fraction
+    summary = LayerSummary(
+        name=name,
+        type=_text(group.attrs.get("type", "?")),
+        nonlinearity=_text(group.attrs.get("nonlinearity", "none")),
+        input=_text(group.attrs.get("input", "?")),
+        input_via=_text(group.attrs.get("input_via", "")),
+        shape=list(maps[0].shape),
+        dtype=str(maps[0].dtype),
+        bytes_on_disk=on_disk,
+        bytes_raw=raw,
+        preactivation=_role_stats(stats.preactivation, None if a_role else zeros),
+        activation=None if stats.activation is None else _role_stats(stats.activation, zeros),
+        stats_source=stats.source,
+        dead_channels=[int(c) for c in np.flatnonzero(stats.dead)],
+    )
+    if details.channel is not None:
+        check_channel(group, details.channel)
+    wanted = range(stats.image_max.shape[1]) if details.channel is None else [details.channel]
+    if details.channels:
+        summary.channels = [_channel_row(stats, c) for c in wanted]
+    if details.top:
+        summary.top = {c: _top(stats, c, details.top, paths) for c in wanted}
+    if details.hist_bins:
+        summary.histogram = _histogram(group, stats, details.hist_bins)
+    return summary
+
+
+def _channel_row(stats: LayerStats, c: int) -> ChannelRow:
+    def values(summary: ChannelSummary) -> dict[str, float]:
+        return {key: float(getattr(summary, key)[c]) for key in ("min", "max", "mean", "std")}
+
+    return ChannelRow(
+        channel=c,
+        preactivation=values(stats.preactivation),
+        activation=None if stats.activation is None else values(stats.activation),
+        zero_fraction=float(stats.image_zero_fraction[:, c].mean(dtype=np.float64)),
+        dead=bool(stats.dead[c]),
+    )
+
+
+def _top(stats: LayerStats, c: int, k: int, paths: list[str]) -> list[TopImage]:
+    values = stats.image_max[:, c]
+    return [
+        TopImage(int(n), paths[n], float(values[n]), *(int(v) for v in stats.image_argmax[n, c]))
+        for n in top_images(values, k)
+    ]
+
+
+def _histogram(group: h5py.Group, stats: LayerStats, bins: int) -> Histogram | None:
+    if stats.role not in group:  # the map was not stored (statistics only)
+        return None
+    channels = stats.activation if stats.role == schema.ACTIVATION and stats.activation else stats.preactivation
+    lo, hi = float(channels.min.min(initial=np.inf)), float(channels.max.max(initial=-np.inf))
+    edges, counts = histogram(group[stats.role], lo, hi, bins)
+    return Histogram(stats.role, [float(e) for e in edges], [int(n) for n in counts])
+
+
+# ---------------------------------------------------------------------------- text report
+
+
 def _size(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -220,9 +345,10 @@ def _size(n: int) -> str:
 
 
 def _stats_line(symbol: str, role: str, stats: RoleStats) -> str:
+    zeros = "" if stats.zero_fraction is None else f"  zeros {stats.zero_fraction:6.1%}"
     return (
         f"    {symbol} {role:<14} min {stats.min:>10.4g}  max {stats.max:>10.4g}  mean {stats.mean:>10.4g}  "
-        f"{stats.fraction_of} {stats.fraction:6.1%}"
+        f"std {stats.std:>10.4g}{zeros}"
     )
 
 
@@ -241,19 +367,58 @@ def format_summary(summary: FileSummary) -> str:
         lines.append(f"  ... and {len(summary.images) - 10} more")
     lines.append("layers:")
     for layer in summary.layers:
-        shape = "x".join(str(n) for n in layer.shape)
-        lines.append(
-            f"  {layer.name}  {layer.type} -> {layer.nonlinearity}  {shape} {layer.dtype}  "
-            f"{_size(layer.bytes_on_disk)} on disk ({layer.compression_ratio:.2f}x)  input: {layer.input}"
-            + (f" via {layer.input_via}" if layer.input_via else "")
-        )
-        lines.append(_stats_line("z", schema.PREACTIVATION, layer.preactivation))
-        if layer.activation is None:
-            lines.append("    a (none: no nonlinearity follows this layer)")
-            continue
+        lines += _layer_lines(layer)
+    return "\n".join(lines)
+
+
+def _layer_lines(layer: LayerSummary) -> list[str]:
+    shape = "x".join(str(n) for n in layer.shape)
+    lines = [
+        f"  {layer.name}  {layer.type} -> {layer.nonlinearity}  {shape} {layer.dtype}  "
+        f"{_size(layer.bytes_on_disk)} on disk ({layer.compression_ratio:.2f}x)  input: {layer.input}"
+        + (f" via {layer.input_via}" if layer.input_via else ""),
+        _stats_line("z", schema.PREACTIVATION, layer.preactivation),
+    ]
+    if layer.activation is None:
+        lines.append("    a (none: no nonlinearity follows this layer)")
+    else:
         lines.append(_stats_line("a", schema.ACTIVATION, layer.activation))
-        channels = layer.shape[1]
         dead = layer.dead_channels
         listed = ", ".join(str(c) for c in dead[:20]) + (", ..." if len(dead) > 20 else "")
-        lines.append(f"    dead channels: {len(dead)}/{channels}" + (f" ({listed})" if dead else ""))
-    return "\n".join(lines)
+        lines.append(f"    dead channels: {len(dead)}/{layer.shape[1]}" + (f" ({listed})" if dead else ""))
+    if layer.channels is not None:
+        lines += _channel_lines(layer.channels)
+    if layer.top is not None:
+        symbol = "a" if layer.activation is not None else "z"
+        lines.append(f"    top images per channel, by the channel's max {symbol} (value [index] path):")
+        for c, images in layer.top.items():
+            best = "; ".join(f"{image.value:.4g} [{image.index}] {image.path}" for image in images)
+            lines.append(f"      {c:>4}: {best}")
+    if layer.histogram is not None:
+        lines += _histogram_lines(layer.histogram)
+    return lines
+
+
+def _channel_lines(rows: list[ChannelRow]) -> list[str]:
+    roles = [("z", schema.PREACTIVATION)] + ([("a", schema.ACTIVATION)] if rows and rows[0].activation else [])
+    header = "    channel" + "".join(f"{s + ' ' + k:>11}" for s, _ in roles for k in ("min", "max", "mean", "std"))
+    lines = [header + "   zeros  dead"]
+    for row in rows:
+        cells = [row.preactivation] + ([row.activation] if row.activation else [])
+        numbers = "".join(f"{cell[k]:>11.4g}" for cell in cells for k in ("min", "max", "mean", "std"))
+        lines.append(f"    {row.channel:>7}{numbers}  {row.zero_fraction:6.1%}  {'dead' if row.dead else ''}".rstrip())
+    return lines
+
+
+def _histogram_lines(hist: Histogram, width: int = 40) -> list[str]:
+    symbol = "a" if hist.role == schema.ACTIVATION else "z"
+    if not hist.counts:
+        return [f"    histogram of {symbol}: no finite values"]
+    total = sum(hist.counts)
+    peak = math.log1p(max(hist.counts))
+    lines = [f"    histogram of {symbol} ({len(hist.counts)} bins; bar length ~ log count):"]
+    for lo, hi, n in zip(hist.edges, hist.edges[1:], hist.counts, strict=False):
+        bar = "#" * (math.ceil(width * math.log1p(n) / peak) if n and peak else 0)
+        share = n / total if total else 0.0
+        lines.append(f"      [{lo:>10.4g}, {hi:>10.4g})  {n:>12}  {share:6.1%}  {bar}")
+    return lines

@@ -252,3 +252,8 @@ def not_a_module() -> dict[str, int]:
 
 
 NOT_CALLABLE = 3
+
+
+def resnet18_full(seed: int = 0) -> ResNet:
+    """The real ResNet-18 size (11.7 M parameters), random weights: for benchmarks."""
+    return resnet18(width=64, num_classes=1000, seed=seed)

@@ -1,0 +1,434 @@
+"""Combine the shard files of one ``fmap extract --shard K/N`` job into one file (``fmap merge``).
+
+By default the result is standalone: every map chunk is copied as stored, compressed bytes and
+all (``read_direct_chunk`` / ``write_direct_chunk``: nothing is decompressed or recompressed),
+and the small datasets along N are read and written. With ``virtual=True`` every dataset along N
+is an HDF5 virtual dataset over the shards, whose paths are stored relative to the output's
+directory (moving the directory keeps it working). HDF5 reads the rows of a missing shard as fill
+values without an error, so readers call :func:`missing_sources`. Per-channel statistics are
+pooled exactly from the shards' own. h5py and numpy only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from . import __version__, schema
+from .errors import FmapError, FmapFileError, UsageError, first_line
+from .inputs import Shard
+from .resume import differences, file_fingerprint
+from .writer import STR, copy_rows, safe_text, temporary_path
+
+# Attributes the HDF5 dimension-scale API owns (they hold references into their own file).
+DIMENSION_ATTRS = frozenset({"CLASS", "NAME", "REFERENCE_LIST", "DIMENSION_LIST", "DIMENSION_LABELS"})
+# Root attributes that describe one run rather than the merged file; set afresh.
+RUN_ATTRS = frozenset({"shard_index", "shard_count", "complete", "n_images", "created", "command", "fmap_version"})
+CHANNEL_STATS = ("min", "max", "mean", "std")
+FAILURES = "failures"
+BLOCK_BYTES = 64 << 20  # rows of small datasets read at a time
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One shard file, checked: its share of the input list and its image count."""
+
+    path: Path
+    shard: Shard
+    n_images: int
+    n_inputs: int
+
+    def share(self) -> range:
+        """Positions in the whole input list this shard was given."""
+        return range(self.n_inputs * self.shard.index // self.shard.count,
+                     self.n_inputs * (self.shard.index + 1) // self.shard.count)  # fmt: skip
+
+    def describe(self) -> str:
+        share = self.share()
+        return f"shard {self.shard.index}/{self.shard.count} (images {share.start}-{share.stop - 1} of {self.n_inputs})"
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What ``fmap merge`` wrote."""
+
+    out: Path
+    n_images: int
+    shards: list[Path]  # in shard order
+    missing: list[str]  # shares not merged (only with allow_missing), e.g. "shard 2/4 (images 50-74 of 100)"
+    raw_bytes: int  # stored (compressed) bytes copied as raw chunks; 0 for a virtual file
+    seconds: float
+
+
+def merge_shards(
+    paths: Sequence[Path],
+    out: Path,
+    virtual: bool = False,
+    overwrite: bool = False,
+    allow_missing: bool = False,
+    command: str = "",
+    log: Callable[[str], None] = lambda message: None,
+) -> MergeResult:
+    """Merge shard files into ``out``, images in input order; nothing is left at ``out`` on error.
+
+    Args:
+        paths: shard files of one job, in any order.
+        out: the merged file.
+        virtual: write virtual datasets over the shards instead of copying their chunks.
+        overwrite: replace an existing ``out``.
+        allow_missing: merge the shards given even if some shares of the input list are missing.
+        command: the command line, recorded in the file.
+        log: receives messages for the user.
+
+    Raises:
+        UsageError: shards of different jobs, duplicates, missing shares, or a bad output path.
+        FmapFileError: a file that is not a complete fmap shard.
+    """
+    started = time.perf_counter()
+    shards = check_shards([Path(p) for p in paths])
+    missing = missing_shares(shards)
+    if missing and not allow_missing:
+        raise UsageError(f"missing {'; '.join(missing)}; pass --allow-missing to merge the shards given")
+    for share in missing:
+        log(f"warning: missing {share}: its images are not in {out}")
+    _check_output(out, overwrite, [s.path for s in shards])
+    raw_bytes = _write(shards, out, virtual, command)
+    n_images = sum(s.n_images for s in shards)
+    return MergeResult(out, n_images, [s.path for s in shards], missing, raw_bytes, time.perf_counter() - started)
+
+
+# ----------------------------------------------------------------------------- checking shards
+def read_shard(path: Path) -> tuple[ShardFile, dict[str, str]]:
+    """A shard file's share and its fingerprint (what must match across the shards of a job).
+
+    Raises:
+        FmapFileError: missing, not a complete fmap file, or rows outside its share.
+        UsageError: an fmap file made without --shard.
+    """
+    if not path.is_file():
+        raise FmapFileError(f"{path}: no such file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise FmapFileError(f"{path}: not an HDF5 file (or it is corrupt)") from None
+    with f:
+        attrs = f.attrs
+        if "fmap_schema_version" not in attrs:
+            raise FmapFileError(f"{path}: an HDF5 file, but not written by fmap")
+        if int(attrs.get("complete", 0)) != 1:
+            raise FmapFileError(f"{path}: incomplete file (complete=0); finish it with 'fmap extract ... --resume'")
+        if attrs.get("virtual", 0) or "shard_index" not in attrs:
+            raise UsageError(f"{path}: not a shard (made without 'fmap extract --shard K/N')")
+        shard = Shard(int(attrs["shard_index"]), int(attrs["shard_count"]))
+        found = ShardFile(path, shard, int(attrs["n_images"]), int(attrs["n_inputs"]))
+        ours = {k: v for k, v in file_fingerprint(f).items() if k != "shard"}
+        ours["input list"] = f"{attrs['input_list_sha256']}/{found.n_inputs}"
+        ours["schema"] = str(int(attrs["fmap_schema_version"]))
+        ours["shard count"] = str(shard.count)
+        index = f[f"{schema.IMAGES}/index"][...]
+    share = found.share()
+    if len(index) != found.n_images or (len(index) and (index[0] < share.start or index[-1] >= share.stop)):
+        raise FmapFileError(f"{path}: damaged shard: its images are not those of {found.describe()}")
+    if np.any(np.diff(index) <= 0):
+        raise FmapFileError(f"{path}: damaged shard: /images/index is not increasing")
+    return found, ours
+
+
+# Fingerprint parts merge adds to resume.FINGERPRINT, with the words used when one differs.
+EXTRA_PARTS = {"input list": "input list", "schema": "schema version", "shard count": "shard count (N of --shard K/N)"}
+
+
+def check_shards(paths: Sequence[Path]) -> list[ShardFile]:
+    """The shards, checked to belong to one job, in shard order.
+
+    Raises:
+        UsageError: no shards, shards of different jobs (names the file and what differs), or a
+            share given twice.
+        FmapFileError: see :func:`read_shard`.
+    """
+    if not paths:
+        raise UsageError("no shard files given")
+    read = [read_shard(p) for p in paths]
+    first, reference = read[0]
+    by_index: dict[int, ShardFile] = {}
+    for shard, theirs in read:
+        differ = differences(theirs, reference)
+        differ += [words for key, words in EXTRA_PARTS.items() if theirs[key] != reference[key]]
+        if differ:
+            raise UsageError(
+                f"{shard.path}: made with a different {', '.join(differ)} than {first.path}; "
+                "only the shards of one 'fmap extract --shard K/N' job can be merged"
+            )
+        twin = by_index.setdefault(shard.shard.index, shard)
+        if twin is not shard:
+            raise UsageError(f"shard {shard.shard.index}/{shard.shard.count} given twice: {twin.path} and {shard.path}")
+    return [by_index[k] for k in sorted(by_index)]
+
+
+def missing_shares(shards: Sequence[ShardFile]) -> list[str]:
+    """The shares of the input list no shard covers, e.g. "shard 2/4 (images 50-74 of 100)"."""
+    first = shards[0]
+    given = {s.shard.index for s in shards}
+    missing = [ShardFile(Path(), Shard(k, first.shard.count), 0, first.n_inputs) for k in range(first.shard.count)]
+    return [m.describe() for m in missing if m.shard.index not in given and len(m.share())]
+
+
+def _check_output(out: Path, overwrite: bool, sources: Sequence[Path]) -> None:
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out}: already exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise UsageError(f"-o {out}: is a directory; give a file name")
+    if not out.parent.is_dir():
+        raise UsageError(f"-o {out}: directory {out.parent} does not exist")
+    if any(p.resolve() == out.resolve() for p in sources):
+        raise UsageError(f"-o {out}: is also one of the shards; choose another output name")
+
+
+# ----------------------------------------------------------------------------- writing
+def _write(shards: Sequence[ShardFile], out: Path, virtual: bool, command: str) -> int:
+    """Build the merged file under a temporary name and rename it onto ``out``; returns raw bytes copied."""
+    tmp = temporary_path(out)
+    try:
+        with ExitStack() as stack:
+            sources = [stack.enter_context(h5py.File(s.path, "r")) for s in shards]
+            f = stack.enter_context(h5py.File(tmp, "w"))
+            _root_attrs(f, sources, shards, command)
+            if virtual:
+                f.attrs["virtual"] = np.int8(1)
+            copied = _Merger(f, sources, shards, out, virtual).run()
+            f.attrs["complete"] = np.int8(1)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        tmp.replace(out)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise FmapError(f"{out}: cannot write merged file: {exc.strerror or first_line(exc)}") from None
+        if isinstance(exc, KeyError | ValueError):  # a shard lacks or shapes a node unlike the first
+            raise FmapFileError(f"{out}: shards differ in layout: {first_line(exc)}") from None
+        raise
+    return copied
+
+
+def _root_attrs(f: h5py.File, sources: Sequence[h5py.File], shards: Sequence[ShardFile], command: str) -> None:
+    first = sources[0]
+    f.attrs["complete"] = np.int8(0)
+    _copy_attrs(first, f, RUN_ATTRS)
+    f.attrs["fmap_version"] = __version__
+    f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    f.attrs["command"] = safe_text(command)
+    f.attrs["n_images"] = np.int64(sum(s.n_images for s in shards))
+    for key in ("device", "torch_version"):  # may differ between shards (e.g. some ran on GPUs)
+        values = dict.fromkeys(str(src.attrs.get(key, "?")) for src in sources)
+        f.attrs[key] = ", ".join(values)
+    f.attrs["merged_from"] = np.array([safe_text(str(s.path)) for s in shards], dtype=STR)
+
+
+def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject, skip: frozenset[str] = frozenset()) -> None:
+    """Every attribute with its stored type, except the dimension-scale ones and ``skip``."""
+    for key in src.attrs:
+        if key not in DIMENSION_ATTRS and key not in skip:
+            dst.attrs.create(key, src.attrs[key], dtype=src.attrs.get_id(key).dtype)
+
+
+@dataclass
+class _Merger:
+    """Builds every node of the merged file from the first shard's tree and all shards' rows."""
+
+    f: h5py.File
+    sources: Sequence[h5py.File]
+    shards: Sequence[ShardFile]
+    out: Path
+    virtual: bool
+    copied: int = 0  # raw chunk bytes
+    _pools: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(s.n_images for s in self.shards)
+
+    def run(self) -> int:
+        nodes: list[tuple[str, Any]] = []
+        self.sources[0].visititems(lambda name, obj: nodes.append((name, obj)))
+        nodes = [(n, obj) for n, obj in nodes if n != FAILURES and not n.startswith(f"{FAILURES}/")]
+        for name, obj in nodes:
+            if isinstance(obj, h5py.Group):
+                _copy_attrs(obj, self.f.require_group(name))
+            elif name == "N":
+                self._like(obj, name, self.total)[...] = np.arange(self.total, dtype=np.int64)
+            elif obj.maxshape and obj.maxshape[0] is None:
+                self._virtual(obj, name) if self.virtual else self._concatenate(obj, name)
+            elif _channel_stat(name):
+                self._pooled(obj, name)
+            else:  # dimension scales C, H, W and anything else fixed: as in the first shard
+                self._like(obj, name, obj.shape[0] if obj.shape else 0)[...] = obj[...]
+            _copy_attrs(obj, self.f[name])
+        self._failures()
+        _reattach_scales(self.f, [(n, obj) for n, obj in nodes if isinstance(obj, h5py.Dataset)])
+        return self.copied
+
+    def _like(self, src: h5py.Dataset, name: str, rows: int) -> h5py.Dataset:
+        """A dataset laid out exactly as ``src`` (type, chunks, filters, fill value) with ``rows`` rows."""
+        if not src.shape:
+            return self.f.create_dataset(name, data=src[()], dtype=src.dtype)
+        unlimited = tuple(h5py.h5s.UNLIMITED if n is None else n for n in src.maxshape)
+        space = h5py.h5s.create_simple((rows, *src.shape[1:]), unlimited)
+        plist = src.id.get_create_plist()
+        h5py.h5d.create(self.f.id, name.encode(), src.id.get_type(), space, dcpl=plist)
+        return self.f[name]
+
+    def _concatenate(self, first: h5py.Dataset, name: str) -> None:
+        dst = self._like(first, name, self.total)
+        start = 0
+        for shard, src in zip(self.shards, self.sources, strict=True):
+            ds = src[name]
+            expected = (shard.n_images, *first.shape[1:])
+            if ds.shape != expected:
+                raise FmapFileError(f"{shard.path}: damaged shard: {name} has shape {ds.shape}, expected {expected}")
+            if ds.chunks is not None and ds.chunks[0] == 1:
+                self._copy_chunks(shard, ds, dst, start)
+            else:
+                rows = max(1, BLOCK_BYTES // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
+                for i in range(0, shard.n_images, rows):
+                    stop = min(i + rows, shard.n_images)
+                    dst[start + i : start + stop] = ds[i:stop]
+            start += shard.n_images
+
+    def _copy_chunks(self, shard: ShardFile, src: h5py.Dataset, dst: h5py.Dataset, start: int) -> None:
+        """Copy every chunk's stored bytes (one image per chunk) to row ``start`` onwards of ``dst``."""
+        layout = (src.chunks, src.compression, src.compression_opts, src.shuffle, src.dtype)
+        if layout != (dst.chunks, dst.compression, dst.compression_opts, dst.shuffle, dst.dtype):
+            raise UsageError(f"{shard.path}: {src.name} is stored differently (chunks or codec) from the first shard")
+        self.copied += copy_rows(src, dst, src.shape[0], start)
+
+    def _virtual(self, first: h5py.Dataset, name: str) -> None:
+        layout = h5py.VirtualLayout(shape=(self.total, *first.shape[1:]), dtype=first.dtype)
+        start = 0
+        base = self.out.resolve().parent
+        for shard, src in zip(self.shards, self.sources, strict=True):
+            ds = src[name]
+            source = os.path.relpath(shard.path.resolve(), base)
+            layout[start : start + shard.n_images] = h5py.VirtualSource(source, name, shape=ds.shape)
+            start += shard.n_images
+        kind = first.dtype.kind
+        fill = -1 if kind in "iu" else np.nan if kind == "f" else None  # what a missing shard's rows read as
+        self.f.create_virtual_dataset(name, layout, fillvalue=fill)
+
+    def _pooled(self, first: h5py.Dataset, name: str) -> None:
+        stats, key = name.rsplit("/", 1)
+        role, stat = key.rsplit("_", 1)
+        if (stats, role) not in self._pools:  # min, max, mean and std of a role are pooled together
+            per_image = int(np.prod(self.sources[0][stats].parent.attrs["output_shape"][1:], dtype=np.int64))
+            parts = [
+                ChannelPart(s.n_images * per_image, *(src[f"{stats}/{role}_{k}"][...] for k in CHANNEL_STATS))
+                for s, src in zip(self.shards, self.sources, strict=True)
+            ]
+            self._pools[(stats, role)] = pool_channel_stats(parts)
+        self._like(first, name, first.shape[0])[...] = self._pools[(stats, role)][stat]
+
+    def _failures(self) -> None:
+        """Every shard's /failures, in input order."""
+        groups = [src[FAILURES] for src in self.sources if FAILURES in src]
+        if not groups:
+            return
+        index = np.concatenate([g["index"][...] for g in groups])
+        order = np.argsort(index, kind="stable")
+        out = self.f.create_group(FAILURES)
+        _copy_attrs(groups[0], out)
+        for column in groups[0]:
+            values = np.concatenate([g[column].asstr()[...] if g[column].dtype.kind == "O" else g[column][...]
+                                     for g in groups])  # fmt: skip
+            dst = self._like(groups[0][column], f"{FAILURES}/{column}", len(index))
+            dst[...] = values[order]
+            _copy_attrs(groups[0][column], dst)
+
+
+def _channel_stat(name: str) -> bool:
+    """``layers/<L>/stats/<role>_<min|max|mean|std>``: per-channel statistics over every image."""
+    parts = name.split("/")
+    return (
+        len(parts) == 4
+        and parts[0] == schema.LAYERS
+        and parts[2] == schema.STATS
+        and parts[3].rsplit("_", 1)[-1] in CHANNEL_STATS
+    )
+
+
+def _reattach_scales(f: h5py.File, datasets: Sequence[tuple[str, h5py.Dataset]]) -> None:
+    """Make the same datasets dimension scales as in the shard, and attach and label them alike."""
+    for name, src in datasets:
+        if src.is_scale:
+            f[name].make_scale(_text(src.attrs.get("NAME", name.rsplit("/", 1)[-1])))
+    for name, src in datasets:
+        dst = f[name]
+        for axis, dim in enumerate(src.dims):
+            if dim.label:
+                dst.dims[axis].label = dim.label
+            for scale in dim.values():
+                dst.dims[axis].attach_scale(f[scale.name])
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# ----------------------------------------------------------------------------- statistics
+@dataclass(frozen=True)
+class ChannelPart:
+    """One shard's per-channel statistics of a map: ``count`` values per channel."""
+
+    count: int
+    min: np.ndarray  # (C,)
+    max: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray  # population standard deviation
+
+
+def pool_channel_stats(parts: Sequence[ChannelPart]) -> dict[str, np.ndarray]:
+    """min, max, mean and std (population) over the union of the parts' values, exactly.
+
+    Pooled variance: the sum over parts of count * (std**2 + (mean - pooled mean)**2), over the
+    total count.
+    """
+    counts = np.array([p.count for p in parts], dtype=np.float64)[:, None]  # (P, 1)
+    means = np.stack([p.mean for p in parts]).astype(np.float64)  # (P, C)
+    stds = np.stack([p.std for p in parts]).astype(np.float64)
+    total = counts.sum()
+    mean = (counts * means).sum(axis=0) / total
+    m2 = (counts * (stds**2 + (means - mean) ** 2)).sum(axis=0)
+    return {
+        "min": np.min(np.stack([p.min for p in parts]), axis=0).astype(np.float64),
+        "max": np.max(np.stack([p.max for p in parts]), axis=0).astype(np.float64),
+        "mean": mean,
+        "std": np.sqrt(m2 / total),
+    }
+
+
+# ----------------------------------------------------------------------------- reading virtual files
+def missing_sources(f: h5py.File) -> list[str]:
+    """Source files of ``f``'s virtual datasets that are missing or unreadable, as stored
+    (relative to ``f``'s directory); HDF5 reads their rows as fill values (NaN maps) silently."""
+    names: set[str] = set()
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.is_virtual:
+            names.update(source.file_name for source in obj.virtual_sources())
+
+    f.visititems(visit)
+    base = Path(f.filename).resolve().parent
+    return sorted(name for name in names if name != "." and not _readable(base / name))
+
+
+def _readable(path: Path) -> bool:
+    try:
+        return path.is_file() and h5py.is_hdf5(path)
+    except OSError:
+        return False

@@ -1,0 +1,165 @@
+"""Continuing work on a file: ``--resume`` a killed run from its temporary file, ``--append`` to a
+finished one. Both check fingerprints first, so nothing is mixed into a file made differently.
+h5py and numpy only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from . import schema
+from .errors import UsageError
+from .images import Failure
+from .writer import partial_files
+
+# What must match for maps to belong in one file, with the words used when one differs.
+FINGERPRINT = {
+    "model_spec": "model",
+    "weights_sha256": "weights",
+    "preprocessing": "preprocessing",
+    "layers": "layers",
+    "storage": "storage (--dtype, --compression, --store)",
+    "input_saved": "--save-input",
+    "shard": "--shard",
+}
+
+
+def fingerprint(attrs: Mapping[str, Any], input_saved: bool) -> dict[str, str]:
+    """The comparable parts of a file's root attributes (as strings)."""
+    result = {key: _text(attrs.get(key)) for key in FINGERPRINT}
+    result["input_saved"] = str(input_saved)
+    result["shard"] = f"{_text(attrs.get('shard_index'))}/{_text(attrs.get('shard_count'))}"
+    return result
+
+
+def file_fingerprint(f: h5py.File) -> dict[str, str]:
+    """The fingerprint of an open fmap file."""
+    return fingerprint(f.attrs, schema.INPUT in f)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return ",".join(_text(v) for v in value.tolist())
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def differences(theirs: Mapping[str, str], ours: Mapping[str, str]) -> list[str]:
+    """Names (as users know them) of the fingerprint parts that differ."""
+    return [FINGERPRINT[key] for key in FINGERPRINT if theirs.get(key) != ours.get(key)]
+
+
+@dataclass(frozen=True)
+class Resumable:
+    """A killed run's temporary file and how far it got."""
+
+    path: Path
+    handled: frozenset[int]  # input-list positions already written or recorded as failures
+    failures: list[Failure]  # recorded so far
+
+
+def find_resumable(
+    out: Path, ours: Mapping[str, str], list_sha256: str, work: Sequence[tuple[int, str]], log: Any
+) -> Resumable | None:
+    """The newest temporary file of a run writing ``out`` that this run can continue, or None.
+
+    A file that cannot be read, or whose images no longer match their files' content, means a
+    fresh start (said through ``log``); one made with another model or input list is an error.
+    """
+    candidates = partial_files(out)
+    if not candidates:
+        log(f"--resume: no temporary file of an earlier run beside {out}; starting from the beginning")
+        return None
+    path = candidates[0]
+    try:
+        with h5py.File(path, "r") as f:
+            theirs = file_fingerprint(f)
+            their_list = str(f.attrs.get("input_list_sha256", ""))
+            n = int(f.attrs["n_images"])
+            indices = f["images/index"][:n].tolist()
+            hashes = f["images/sha256"].asstr()[:n].tolist()
+            failures = []
+            if "failures" in f:
+                group = f["failures"]
+                columns = (group["index"][...].tolist(), group["path"].asstr()[...], group["reason"].asstr()[...])
+                failures = [Failure(int(i), str(p), str(r)) for i, p, r in zip(*columns, strict=True)]
+    except (OSError, KeyError, ValueError) as exc:
+        log(f"--resume: {path.name} is unreadable ({type(exc).__name__}); starting from the beginning")
+        path.unlink(missing_ok=True)
+        return None
+    differ = differences(theirs, ours) + (["input list"] if their_list != list_sha256 else [])
+    if differ:
+        raise UsageError(
+            f"--resume: {path} was made with a different {', '.join(differ)}; delete it or run without --resume"
+        )
+    handled = frozenset([*indices, *(f.index for f in failures)])
+    by_index = dict(work)
+    for index, digest in zip(indices, hashes, strict=True):
+        if _file_sha256(by_index.get(index)) != digest:
+            log(f"--resume: {by_index.get(index)} changed since it was written; starting from the beginning")
+            path.unlink(missing_ok=True)
+            return None
+    log(f"--resume: continuing {path.name}: {n} images kept, {sum(i not in handled for i, _ in work)} to go")
+    return Resumable(path, handled, failures)
+
+
+def _file_sha256(path: str | None) -> str | None:
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Appendable:
+    """A file new images can be added to."""
+
+    n_inputs: int  # positions of new images continue from here
+    list_sha256: str
+    complete: bool  # False: an earlier --append was interrupted; the file is rebuilt from its flushed images
+
+
+def check_appendable(out: Path, ours: Mapping[str, str]) -> Appendable:
+    """Check that ``out`` is an fmap file made the same way as this run.
+
+    A file left with ``complete`` = 0 by an interrupted ``--append`` is accepted: its flushed
+    images are copied into a new file, which replaces it when the append is done.
+
+    Raises:
+        UsageError: missing, not fmap, or made differently (names what differs).
+    """
+    if not out.is_file():
+        raise UsageError(f"--append: {out} does not exist; run without --append to create it")
+    try:
+        with h5py.File(out, "r") as f:
+            if "fmap_schema_version" not in f.attrs:
+                raise UsageError(f"--append: {out} is not an fmap file")
+            if int(f.attrs["fmap_schema_version"]) != schema.SCHEMA_VERSION:
+                raise UsageError(f"--append: {out} has schema version {int(f.attrs['fmap_schema_version'])}")
+            theirs = file_fingerprint(f)
+            n_inputs = int(f.attrs["n_inputs"])
+            list_sha256 = str(f.attrs["input_list_sha256"])
+            complete = int(f.attrs.get("complete", 0)) == 1
+    except OSError:
+        raise UsageError(f"--append: {out} is not a readable HDF5 file") from None
+    differ = differences(theirs, ours)
+    if differ:
+        raise UsageError(f"--append: {out} was made with a different {', '.join(differ)}; write a new file instead")
+    return Appendable(n_inputs, list_sha256, complete)
+
+
+def appended_list_sha256(previous: str, added: str) -> str:
+    """Fingerprint of an input list grown by --append: the old fingerprint followed by the new list's."""
+    return hashlib.sha256(f"{previous}\n{added}".encode()).hexdigest()
