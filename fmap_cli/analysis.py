@@ -14,10 +14,10 @@ import h5py
 import numpy as np
 
 from . import schema
-from .stats import ChannelStats, image_stats
+from .stats import SUMMARY, ChannelStats, image_stats
 
 SCAN_BYTES = 8 << 20  # one block of a map read at a time
-CHANNEL_FIELDS = ("min", "max", "mean", "std")
+CHANNEL_FIELDS = SUMMARY
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class ChannelSummary:
     max: np.ndarray
     mean: np.ndarray
     std: np.ndarray
+    negatives: np.ndarray  # fraction of values below zero
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,11 @@ def layer_stats(group: h5py.Group) -> LayerStats:
     has_a = f"{schema.ACTIVATION}_min" in stored
 
     def channel(role: str) -> ChannelSummary:
-        return ChannelSummary(*(stored[f"{role}_{name}"][...].astype(np.float64) for name in CHANNEL_FIELDS))
+        def read(name: str) -> np.ndarray:
+            ds = stored.get(f"{role}_{name}")  # 'negatives' may be missing from early files
+            return ds[...].astype(np.float64) if ds is not None else np.full(stored["image_max"].shape[1], np.nan)
+
+        return ChannelSummary(*(read(name) for name in CHANNEL_FIELDS))
 
     role = stored.attrs.get("role", schema.ACTIVATION if has_a else schema.PREACTIVATION)
     return LayerStats(

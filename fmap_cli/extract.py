@@ -299,6 +299,11 @@ def extract(
         layers = describe_layers(model, prep.size, str(device), size_flag=options.size is not None)
         select_layers(layers, options.layers, model)
     work = options.shard.select(options.images) if options.shard else list(enumerate(options.images))
+    if not work:
+        raise UsageError(
+            f"--shard {options.shard.index}/{options.shard.count}: no images in this share of "
+            f"{len(options.images)} inputs; use at most {len(options.images)} shares"
+        )
     list_sha256 = input_list_sha256(options.images)
     attrs: dict[str, Any] = {
         "torch_version": torch.__version__,
@@ -433,13 +438,13 @@ def _continuation(
 ) -> _Continuation:
     """What --resume / --append mean for this run."""
     if options.append:
-        previous = check_appendable(options.out, ours)
+        previous = check_appendable(options.out, ours, list_sha256)
         attrs["n_inputs"] = np.int64(previous.n_inputs + len(options.images))
         attrs["input_list_sha256"] = appended_list_sha256(previous.list_sha256, list_sha256)
         if previous.complete:
             return _Continuation("append", offset=previous.n_inputs)
         log(f"--append: {options.out} was left incomplete by an interrupted append; rebuilding it from its images")
-        return _Continuation(seed=options.out, offset=previous.n_inputs)
+        return _Continuation(seed=options.out, offset=previous.n_inputs, handled=previous.handled)
     if options.resume:
         found = find_resumable(options.out, ours, list_sha256, work, log)
         if found is not None:

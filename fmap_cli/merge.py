@@ -26,13 +26,13 @@ from . import __version__, schema
 from .errors import FmapError, FmapFileError, UsageError, first_line
 from .inputs import Shard
 from .resume import differences, file_fingerprint
+from .stats import SUMMARY, ChannelStats
 from .writer import STR, copy_rows, safe_text, temporary_path
 
 # Attributes the HDF5 dimension-scale API owns (they hold references into their own file).
 DIMENSION_ATTRS = frozenset({"CLASS", "NAME", "REFERENCE_LIST", "DIMENSION_LIST", "DIMENSION_LABELS"})
 # Root attributes that describe one run rather than the merged file; set afresh.
 RUN_ATTRS = frozenset({"shard_index", "shard_count", "complete", "n_images", "created", "command", "fmap_version"})
-CHANNEL_STATS = ("min", "max", "mean", "std")
 FAILURES = "failures"
 BLOCK_BYTES = 64 << 20  # rows of small datasets read at a time
 
@@ -328,7 +328,10 @@ class _Merger:
         if (stats, role) not in self._pools:  # min, max, mean and std of a role are pooled together
             per_image = int(np.prod(self.sources[0][stats].parent.attrs["output_shape"][1:], dtype=np.int64))
             parts = [
-                ChannelPart(s.n_images * per_image, *(src[f"{stats}/{role}_{k}"][...] for k in CHANNEL_STATS))
+                (
+                    {k: src[f"{stats}/{role}_{k}"][...] for k in SUMMARY if f"{stats}/{role}_{k}" in src},
+                    s.n_images * per_image,
+                )
                 for s, src in zip(self.shards, self.sources, strict=True)
             ]
             self._pools[(stats, role)] = pool_channel_stats(parts)
@@ -352,13 +355,13 @@ class _Merger:
 
 
 def _channel_stat(name: str) -> bool:
-    """``layers/<L>/stats/<role>_<min|max|mean|std>``: per-channel statistics over every image."""
+    """``layers/<L>/stats/<role>_<min|max|mean|std|negatives>``: per-channel statistics over every image."""
     parts = name.split("/")
     return (
         len(parts) == 4
         and parts[0] == schema.LAYERS
         and parts[2] == schema.STATS
-        and parts[3].rsplit("_", 1)[-1] in CHANNEL_STATS
+        and parts[3].rsplit("_", 1)[-1] in SUMMARY
     )
 
 
@@ -381,35 +384,13 @@ def _text(value: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- statistics
-@dataclass(frozen=True)
-class ChannelPart:
-    """One shard's per-channel statistics of a map: ``count`` values per channel."""
-
-    count: int
-    min: np.ndarray  # (C,)
-    max: np.ndarray
-    mean: np.ndarray
-    std: np.ndarray  # population standard deviation
-
-
-def pool_channel_stats(parts: Sequence[ChannelPart]) -> dict[str, np.ndarray]:
-    """min, max, mean and std (population) over the union of the parts' values, exactly.
-
-    Pooled variance: the sum over parts of count * (std**2 + (mean - pooled mean)**2), over the
-    total count.
-    """
-    counts = np.array([p.count for p in parts], dtype=np.float64)[:, None]  # (P, 1)
-    means = np.stack([p.mean for p in parts]).astype(np.float64)  # (P, C)
-    stds = np.stack([p.std for p in parts]).astype(np.float64)
-    total = counts.sum()
-    mean = (counts * means).sum(axis=0) / total
-    m2 = (counts * (stds**2 + (means - mean) ** 2)).sum(axis=0)
-    return {
-        "min": np.min(np.stack([p.min for p in parts]), axis=0).astype(np.float64),
-        "max": np.max(np.stack([p.max for p in parts]), axis=0).astype(np.float64),
-        "mean": mean,
-        "std": np.sqrt(m2 / total),
-    }
+def pool_channel_stats(parts: Sequence[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+    """Per-channel statistics over the union of the shards' values, from each shard's stored
+    summary and its count of values per channel (the same pairwise merge the writer uses)."""
+    pooled = ChannelStats.restore(*parts[0])
+    for summary, count in parts[1:]:
+        pooled.merge(ChannelStats.restore(summary, count))
+    return pooled.summary()
 
 
 # ----------------------------------------------------------------------------- reading virtual files

@@ -6,6 +6,7 @@ h5py and numpy only.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,16 +130,19 @@ class Appendable:
     n_inputs: int  # positions of new images continue from here
     list_sha256: str
     complete: bool  # False: an earlier --append was interrupted; the file is rebuilt from its flushed images
+    handled: frozenset[int] = frozenset()  # positions in the new list that interrupted append handled
 
 
-def check_appendable(out: Path, ours: Mapping[str, str]) -> Appendable:
+def check_appendable(out: Path, ours: Mapping[str, str], list_sha256: str) -> Appendable:
     """Check that ``out`` is an fmap file made the same way as this run.
 
-    A file left with ``complete`` = 0 by an interrupted ``--append`` is accepted: its flushed
-    images are copied into a new file, which replaces it when the append is done.
+    A file an interrupted ``--append`` left incomplete is accepted when this is the same append
+    (the same new list): what it handled is skipped, and its flushed images are copied into a new
+    file, which replaces it when the append is done.
 
     Raises:
-        UsageError: missing, not fmap, or made differently (names what differs).
+        UsageError: missing, not fmap, made differently (names what differs), or incomplete for
+            another reason.
     """
     if not out.is_file():
         raise UsageError(f"--append: {out} does not exist; run without --append to create it")
@@ -149,15 +153,27 @@ def check_appendable(out: Path, ours: Mapping[str, str]) -> Appendable:
             if int(f.attrs["fmap_schema_version"]) != schema.SCHEMA_VERSION:
                 raise UsageError(f"--append: {out} has schema version {int(f.attrs['fmap_schema_version'])}")
             theirs = file_fingerprint(f)
-            n_inputs = int(f.attrs["n_inputs"])
-            list_sha256 = str(f.attrs["input_list_sha256"])
             complete = int(f.attrs.get("complete", 0)) == 1
+            base = json.loads(str(f.attrs["append_base"])) if "append_base" in f.attrs else None
+            n_inputs = int(f.attrs["n_inputs"])
+            list_hash = str(f.attrs["input_list_sha256"])
+            done = [*f["images/index"][...].tolist(), *(f["failures/index"][...].tolist() if "failures" in f else [])]
     except OSError:
         raise UsageError(f"--append: {out} is not a readable HDF5 file") from None
     differ = differences(theirs, ours)
     if differ:
         raise UsageError(f"--append: {out} was made with a different {', '.join(differ)}; write a new file instead")
-    return Appendable(n_inputs, list_sha256, complete)
+    if complete:
+        return Appendable(n_inputs, list_hash, True)
+    if base is None:
+        raise UsageError(f"--append: {out} is incomplete (complete=0); finish the run that wrote it with --resume")
+    if appended_list_sha256(base["input_list_sha256"], list_sha256) != list_hash:
+        raise UsageError(
+            f"--append: {out} was left incomplete by an --append of other images; rerun that command to finish it"
+        )
+    start = int(base["n_inputs"])
+    handled = frozenset(i - start for i in done if i >= start)
+    return Appendable(start, base["input_list_sha256"], False, handled)
 
 
 def appended_list_sha256(previous: str, added: str) -> str:

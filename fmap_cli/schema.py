@@ -142,6 +142,12 @@ SCHEMA: tuple[Node, ...] = (
             Attr("shard_count", "int64", "N of --shard K/N; absent when not sharded.", False),
             Attr("merged_from", "str[]", "The shard files `fmap merge` combined (merged files only).", False),
             Attr(
+                "append_base",
+                "str (JSON)",
+                "Only while an --append runs (complete = 0): n_inputs and input_list_sha256 before it.",
+                False,
+            ),
+            Attr(
                 "virtual",
                 "int8",
                 "1 for `fmap merge --virtual`: maps are HDF5 virtual datasets over the shards.",
@@ -271,8 +277,8 @@ SCHEMA: tuple[Node, ...] = (
         "Statistics computed while writing, so readers need not scan the maps. Per image and channel "
         "(N, C): image_max, image_mean and image_zero_fraction of a (of z when there is no a; attribute "
         "'role' says which), and image_argmax (N, C, 2) int64, the (row, col) of image_max in the map. Per "
-        "channel over every image (C,), float64: preactivation_min/max/mean/std and, with a, "
-        "activation_min/max/mean/std.",
+        "channel over every image (C,), float64: preactivation_min/max/mean/std/negatives and, with a, "
+        "activation_min/max/mean/std/negatives (negatives: the fraction of values below zero).",
         attrs=(Attr("role", "str", "Which map the per-image statistics describe ('activation' or 'preactivation')."),),
         required=False,
     ),

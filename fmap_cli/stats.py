@@ -1,8 +1,9 @@
 """Statistics computed while writing (``/layers/<L>/stats``), so readers need not scan the maps.
 
 Per image and channel: max, mean, fraction of zeros and the (row, col) of the max. Per channel over
-every image: min, max, mean and std, kept as running values (Chan et al.'s pairwise merge, float64)
-that survive --resume and --append and combine across shards. numpy only.
+every image: min, max, mean, std and the fraction of negative values, kept as running values
+(Chan et al.'s pairwise merge, float64) that survive --resume and --append and combine across
+shards. numpy only.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+SUMMARY = ("min", "max", "mean", "std", "negatives")  # stored per role as <role>_<name>, (C,)
 
 
 @dataclass
@@ -21,19 +24,26 @@ class ChannelStats:
     m2: np.ndarray  # (C,) sum of squared deviations from the mean
     min: np.ndarray  # (C,)
     max: np.ndarray  # (C,)
+    negatives: np.ndarray  # (C,) how many values were < 0
 
     @classmethod
     def empty(cls, channels: int) -> ChannelStats:
         """No values seen yet."""
         zeros = np.zeros(channels, dtype=np.float64)
-        return cls(0, zeros, zeros.copy(), np.full(channels, np.inf), np.full(channels, -np.inf))
+        return cls(0, zeros, zeros.copy(), np.full(channels, np.inf), np.full(channels, -np.inf), zeros.copy())
 
     @classmethod
-    def restore(cls, mean: np.ndarray, std: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: int) -> ChannelStats:
-        """Continue from a stored summary of ``count`` values per channel."""
-        mean = np.asarray(mean, dtype=np.float64)
-        m2 = np.asarray(std, dtype=np.float64) ** 2 * count
-        return cls(int(count), mean.copy(), m2, np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64))
+    def restore(cls, summary: dict[str, np.ndarray], count: int) -> ChannelStats:
+        """Continue from a stored :meth:`summary` of ``count`` values per channel."""
+        mean = np.asarray(summary["mean"], dtype=np.float64)
+        return cls(
+            int(count),
+            mean.copy(),
+            np.asarray(summary["std"], dtype=np.float64) ** 2 * count,
+            np.asarray(summary["min"], dtype=np.float64),
+            np.asarray(summary["max"], dtype=np.float64),
+            np.asarray(summary.get("negatives", np.zeros_like(mean)), dtype=np.float64) * count,
+        )
 
     def update(self, values: np.ndarray) -> None:
         """Merge a batch of maps (n, C, ...) into the running statistics."""
@@ -44,7 +54,8 @@ class ChannelStats:
         total = values.sum(axis=axes, dtype=np.float64)
         mean = total / count
         m2 = np.maximum(np.square(values).sum(axis=axes, dtype=np.float64) - total * mean, 0.0)
-        self.merge(ChannelStats(count, mean, m2, values.min(axis=axes), values.max(axis=axes)))
+        negatives = np.count_nonzero(values < 0, axis=axes).astype(np.float64)
+        self.merge(ChannelStats(count, mean, m2, values.min(axis=axes), values.max(axis=axes), negatives))
 
     def merge(self, other: ChannelStats) -> None:
         """Combine with statistics of other values of the same channels (pairwise update)."""
@@ -57,17 +68,19 @@ class ChannelStats:
         self.count = total
         self.min = np.minimum(self.min, other.min)  # NaN propagates, as in np.min
         self.max = np.maximum(self.max, other.max)
+        self.negatives = self.negatives + other.negatives
 
     def summary(self) -> dict[str, np.ndarray]:
-        """min, max, mean, std (population), each (C,) float64; NaN before any value."""
+        """min, max, mean, std (population) and negatives (the fraction < 0), each (C,) float64;
+        NaN before any value."""
         if self.count == 0:
-            nan = np.full(self.mean.shape, np.nan)
-            return {"min": nan, "max": nan.copy(), "mean": nan.copy(), "std": nan.copy()}
+            return {name: np.full(self.mean.shape, np.nan) for name in SUMMARY}
         return {
             "min": self.min.astype(np.float64),
             "max": self.max.astype(np.float64),
             "mean": self.mean.copy(),
             "std": np.sqrt(self.m2 / self.count),
+            "negatives": self.negatives / self.count,
         }
 
 

@@ -33,6 +33,7 @@ class RoleStats:
     max: float
     mean: float
     std: float
+    negative_fraction: float
     zero_fraction: float | None  # only for the map the per-image statistics describe (a, else z)
 
 
@@ -214,7 +215,7 @@ def _text(value: Any) -> str:
 def _role_stats(channels: ChannelSummary, zeros: np.ndarray | None) -> RoleStats:
     """Whole-map statistics from per-channel ones (every channel holds the same number of values)."""
     if channels.mean.size == 0:
-        return RoleStats(math.nan, math.nan, math.nan, math.nan, None if zeros is None else math.nan)
+        return RoleStats(math.nan, math.nan, math.nan, math.nan, math.nan, None if zeros is None else math.nan)
     mean = float(channels.mean.mean())
     second = float(np.mean(channels.std**2 + channels.mean**2))  # pooled E[x^2]
     return RoleStats(
@@ -222,6 +223,7 @@ def _role_stats(channels: ChannelSummary, zeros: np.ndarray | None) -> RoleStats
         max=float(channels.max.max()),
         mean=mean,
         std=math.sqrt(max(second - mean**2, 0.0)) if math.isfinite(second) else math.nan,
+        negative_fraction=float(channels.negatives.mean()),  # every channel holds as many values
         zero_fraction=None if zeros is None else float(zeros.mean(dtype=np.float64)),
     )
 
@@ -345,10 +347,14 @@ def _size(n: int) -> str:
 
 
 def _stats_line(symbol: str, role: str, stats: RoleStats) -> str:
-    zeros = "" if stats.zero_fraction is None else f"  zeros {stats.zero_fraction:6.1%}"
+    fraction = (  # a: how sparse; z: how much the nonlinearity cuts
+        f"  zeros {stats.zero_fraction:6.1%}"
+        if symbol == "a" and stats.zero_fraction is not None
+        else f"  negatives {stats.negative_fraction:6.1%}"
+    )
     return (
         f"    {symbol} {role:<14} min {stats.min:>10.4g}  max {stats.max:>10.4g}  mean {stats.mean:>10.4g}  "
-        f"std {stats.std:>10.4g}{zeros}"
+        f"std {stats.std:>10.4g}{fraction}"
     )
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import __version__, schema
 from .errors import FmapError, StoppedError, first_line
-from .stats import ChannelStats, image_stats
+from .stats import SUMMARY, ChannelStats, image_stats
 
 CHUNK_BYTES = 1 << 20  # one image x a block of channels, at most 1 MiB (../shared/HDF5-NOTES.md)
 STR = h5py.string_dtype("utf-8")
@@ -299,6 +299,9 @@ class MapWriter:
         f = self._file
         assert f is not None
         self.n_images = int(f.attrs["n_images"])
+        # what the file held before, so an interrupted append can be finished by running it again
+        base = {"n_inputs": int(f.attrs["n_inputs"]), "input_list_sha256": str(f.attrs["input_list_sha256"])}
+        f.attrs["append_base"] = json.dumps(base)
         f.attrs["complete"] = np.int8(0)  # until this run finishes
         for key, value in self.attrs.items():
             if key not in ("created", "command"):
@@ -339,10 +342,8 @@ class MapWriter:
             stats = f[schema.LAYERS][layer.name][schema.STATS]
             per_image = int(np.prod(layer.output_shape[1:], dtype=np.int64))
             for role in self._roles(layer):
-                self._channel_stats[(layer.name, role)] = ChannelStats.restore(
-                    stats[f"{role}_mean"][...], stats[f"{role}_std"][...], stats[f"{role}_min"][...],
-                    stats[f"{role}_max"][...], self.n_images * per_image,
-                )  # fmt: skip
+                stored = {name: stats[f"{role}_{name}"][...] for name in SUMMARY if f"{role}_{name}" in stats}
+                self._channel_stats[(layer.name, role)] = ChannelStats.restore(stored, self.n_images * per_image)
 
     def _recount_channel_stats(self) -> None:
         """Running statistics of the seeded images, recomputed from their maps: a killed writer's
@@ -453,6 +454,8 @@ class MapWriter:
             self._abandon(remove=self.mode == "new")
             raise FmapError(f"{self.out}: no images were written")
         try:
+            if "append_base" in f.attrs:
+                del f.attrs["append_base"]
             f.attrs["complete"] = np.int8(1)
             f.close()
             self._file = None

@@ -79,7 +79,8 @@ def write_reference_stats(group: h5py.Group) -> None:
         if values is None:
             continue
         per_channel = values.transpose(1, 0, 2, 3).reshape(values.shape[1], -1).astype(np.float64)
-        for key, fn in (("min", np.min), ("max", np.max), ("mean", np.mean), ("std", np.std)):
+        negatives = lambda values, axis: np.mean(values < 0, axis=axis)  # noqa: E731 - same shape as the others
+        for key, fn in (("min", np.min), ("max", np.max), ("mean", np.mean), ("std", np.std), ("negatives", negatives)):
             stats[f"{name}_{key}"] = fn(per_channel, axis=1)
 
 

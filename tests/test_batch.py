@@ -26,7 +26,7 @@ from click.testing import CliRunner, Result
 from conftest import TINY_SPEC, make_photo, tiny_weights
 
 from fmap_cli import extract as pipeline
-from fmap_cli.cli import _Reporter, cli
+from fmap_cli.cli import cli
 from fmap_cli.errors import StoppedError
 from fmap_cli.writer import WRITE_BEHIND, MapWriter
 
@@ -422,6 +422,8 @@ class _Terminal(io.StringIO):
 
 @pytest.mark.parametrize("quiet", [False, True])
 def test_quiet_silences_the_progress_line_on_a_terminal(monkeypatch: pytest.MonkeyPatch, quiet: bool) -> None:
+    from fmap_cli.cli import _Reporter  # private: imported here so a rename fails this test only
+
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     reporter = _Reporter(quiet)
@@ -882,6 +884,37 @@ def test_append_reports_images_written_by_this_run(tmp_path: Path, tiny_model: P
     ok(extract(old, tiny_model, out))
     result = ok(extract(new, tiny_model, out, "--append", "--json"))
     assert json.loads(result.stdout)["images_written"] == 2
+
+
+def test_interrupted_append_rerun_finishes_without_duplicates(tmp_path: Path, tiny_model: Path) -> None:
+    """An --append stopped part-way leaves OUT incomplete; rerunning the same command (as its
+    message says) must give old + new images, each once, with indices continuing after the old list."""
+    old = photos(tmp_path / "imgs", 3)
+    new = photos(tmp_path / "imgs", 4, start=10)
+    out = tmp_path / "out.h5"
+    ok(extract(old, tiny_model, out))
+    polls = 0
+
+    def stop() -> int | None:
+        nonlocal polls
+        polls += 1
+        return signal.SIGTERM if polls >= 4 else None  # after 2 batches of 1
+
+    options = pipeline.ExtractOptions(
+        images=[str(p) for p in new], out=out, model=str(tiny_model), batch_size=1, append=True
+    )
+    with pytest.raises(StoppedError, match="--append"):
+        pipeline.extract(options, stop_requested=stop)
+    with h5py.File(out, "r") as f:
+        assert int(f.attrs["complete"]) == 0  # never looks finished
+    ok(extract(new, tiny_model, out, "--append"))
+    assert stored_paths(out) == [str(p) for p in (*old, *new)]
+    assert stored_index(out) == list(range(7))
+    with h5py.File(out, "r") as f:
+        assert int(f.attrs["complete"]) == 1
+        assert int(f.attrs["n_images"]) == 7
+        assert int(f.attrs["n_inputs"]) == 7
+    check_stats_match_maps(out)
 
 
 @pytest.mark.parametrize(

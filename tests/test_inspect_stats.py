@@ -109,7 +109,8 @@ def test_default_inspect_reads_stats_not_maps(tmp_path: Path) -> None:
         stats["activation_max"][1] = 0.0  # channel 1: min = max = 0, dead
     layer = json.loads(invoke("inspect", str(path), "--json").stdout)["layers"][0]
     assert layer["stats_source"] == "file"
-    assert layer["activation"] == {"min": 0.0, "max": 7.0, "mean": 1.5, "std": 2.0, "zero_fraction": 0.25}
+    expected = {"min": 0.0, "max": 7.0, "mean": 1.5, "std": 2.0, "negative_fraction": None, "zero_fraction": 0.25}
+    assert layer["activation"] == expected  # no '<role>_negatives' in this crafted stats group: null
     assert layer["dead_channels"] == [1]
     assert "zeros  25.0%" in invoke("inspect", str(path)).stdout
 

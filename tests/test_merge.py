@@ -18,7 +18,7 @@ from fmap_cli.cli import cli
 from fmap_cli.errors import FmapFileError, UsageError
 from fmap_cli.extract import ExtractOptions, extract
 from fmap_cli.inputs import Shard
-from fmap_cli.merge import ChannelPart, merge_shards, missing_sources, pool_channel_stats
+from fmap_cli.merge import merge_shards, missing_sources, pool_channel_stats
 from fmap_cli.schema import SCHEMA
 
 LAYERS = ("conv1", "conv2")
@@ -161,10 +161,15 @@ def test_channel_statistics_equal_numpy_over_the_merged_maps(shards: list[Path],
 def test_pool_channel_stats_matches_numpy() -> None:
     rng = np.random.default_rng(0)
     blocks = [rng.normal(i, 1 + i, size=(3, n)) for i, n in enumerate((5, 40, 1))]  # (C, values)
-    parts = [ChannelPart(b.shape[1], b.min(1), b.max(1), b.mean(1), b.std(1)) for b in blocks]
+    parts = [
+        ({"min": b.min(1), "max": b.max(1), "mean": b.mean(1), "std": b.std(1), "negatives": (b < 0).mean(1)},
+         b.shape[1])
+        for b in blocks
+    ]  # fmt: skip
     pooled, x = pool_channel_stats(parts), np.concatenate(blocks, axis=1)
-    for key, expected in {"min": x.min(1), "max": x.max(1), "mean": x.mean(1), "std": x.std(1)}.items():
-        np.testing.assert_allclose(pooled[key], expected, rtol=1e-12)
+    expected = {"min": x.min(1), "max": x.max(1), "mean": x.mean(1), "std": x.std(1), "negatives": (x < 0).mean(1)}
+    for key, value in expected.items():
+        np.testing.assert_allclose(pooled[key], value, rtol=1e-12)
 
 
 def test_merged_file_follows_the_schema(shards: list[Path], tmp_path: Path) -> None:
