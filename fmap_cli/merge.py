@@ -5,7 +5,7 @@ all (``read_direct_chunk`` / ``write_direct_chunk``: nothing is decompressed or 
 and the small datasets along N are read and written. With ``virtual=True`` every dataset along N
 is an HDF5 virtual dataset over the shards, whose paths are stored relative to the output's
 directory (moving the directory keeps it working). HDF5 reads the rows of a missing shard as fill
-values without an error, so readers call :func:`missing_sources`. Per-channel statistics are
+values without an error, so readers call :func:`fmap_cli.summary.missing_sources`. Per-channel statistics are
 pooled exactly from the shards' own. h5py and numpy only.
 """
 
@@ -391,25 +391,3 @@ def pool_channel_stats(parts: Sequence[tuple[dict[str, np.ndarray], int]]) -> di
     for summary, count in parts[1:]:
         pooled.merge(ChannelStats.restore(summary, count))
     return pooled.summary()
-
-
-# ----------------------------------------------------------------------------- reading virtual files
-def missing_sources(f: h5py.File) -> list[str]:
-    """Source files of ``f``'s virtual datasets that are missing or unreadable, as stored
-    (relative to ``f``'s directory); HDF5 reads their rows as fill values (NaN maps) silently."""
-    names: set[str] = set()
-
-    def visit(name: str, obj: Any) -> None:
-        if isinstance(obj, h5py.Dataset) and obj.is_virtual:
-            names.update(source.file_name for source in obj.virtual_sources())
-
-    f.visititems(visit)
-    base = Path(f.filename).resolve().parent
-    return sorted(name for name in names if name != "." and not _readable(base / name))
-
-
-def _readable(path: Path) -> bool:
-    try:
-        return path.is_file() and h5py.is_hdf5(path)
-    except OSError:
-        return False

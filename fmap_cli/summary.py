@@ -121,6 +121,7 @@ class FileSummary:
     input_saved: bool
     preprocessing: dict[str, Any]
     layers: list[LayerSummary]
+    missing_sources: list[str]  # virtual files only: shard files that are gone (their rows read as NaN)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able data; NaN and infinities (e.g. maps that overflowed) become None (null)."""
@@ -256,6 +257,7 @@ def _summarise(f: h5py.File, path: str, details: Details) -> FileSummary:
     order = [_text(n) for n in f.attrs.get("layers", [])]
     layers.sort(key=lambda layer: order.index(layer.name) if layer.name in order else len(order))
     return FileSummary(
+        missing_sources=missing_sources(f) if int(f.attrs.get("virtual", 0)) else [],
         path=path,
         schema_version=int(f.attrs["fmap_schema_version"]),
         fmap_version=_text(f.attrs.get("fmap_version", "?")),
@@ -366,6 +368,11 @@ def format_summary(summary: FileSummary) -> str:
         f"model: {summary.model_name} ({summary.model_source})",
         f"images: {summary.n_images}" + ("  (input tensor saved in /input)" if summary.input_saved else ""),
     ]
+    if summary.missing_sources:
+        lines.append(
+            "WARNING: virtual file: source files missing, their images read as NaN: "
+            + ", ".join(summary.missing_sources)
+        )
     for i, image in enumerate(summary.images[:10]):
         h, w = image["original_size"]
         lines.append(f"  [{i}] {image['path']}  ({h}x{w})")
@@ -381,7 +388,12 @@ def _layer_lines(layer: LayerSummary) -> list[str]:
     shape = "x".join(str(n) for n in layer.shape)
     lines = [
         f"  {layer.name}  {layer.type} -> {layer.nonlinearity}  {shape} {layer.dtype}  "
-        f"{_size(layer.bytes_on_disk)} on disk ({layer.compression_ratio:.2f}x)  input: {layer.input}"
+        + (
+            f"{_size(layer.bytes_on_disk)} on disk ({layer.compression_ratio:.2f}x)"
+            if layer.bytes_on_disk
+            else "virtual (stored in the shard files)"
+        )
+        + f"  input: {layer.input}"
         + (f" via {layer.input_via}" if layer.input_via else ""),
         _stats_line("z", schema.PREACTIVATION, layer.preactivation),
     ]
@@ -428,3 +440,24 @@ def _histogram_lines(hist: Histogram, width: int = 40) -> list[str]:
         share = n / total if total else 0.0
         lines.append(f"      [{lo:>10.4g}, {hi:>10.4g})  {n:>12}  {share:6.1%}  {bar}")
     return lines
+
+
+def missing_sources(f: h5py.File) -> list[str]:
+    """Source files of ``f``'s virtual datasets that are missing or unreadable, as stored
+    (relative to ``f``'s directory); HDF5 reads their rows as fill values (NaN maps) silently."""
+    names: set[str] = set()
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.is_virtual:
+            names.update(source.file_name for source in obj.virtual_sources())
+
+    f.visititems(visit)
+    base = Path(f.filename).resolve().parent
+    return sorted(name for name in names if name != "." and not _readable(base / name))
+
+
+def _readable(path: Path) -> bool:
+    try:
+        return path.is_file() and h5py.is_hdf5(path)
+    except OSError:
+        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ from fmap_cli.cli import cli
 from fmap_cli.errors import FmapFileError, UsageError
 from fmap_cli.extract import ExtractOptions, extract
 from fmap_cli.inputs import Shard
-from fmap_cli.merge import merge_shards, missing_sources, pool_channel_stats
+from fmap_cli.merge import merge_shards, pool_channel_stats
 from fmap_cli.schema import SCHEMA
+from fmap_cli.summary import missing_sources
 
 LAYERS = ("conv1", "conv2")
 ROLES = ("preactivation", "activation")
@@ -327,6 +329,10 @@ def test_virtual_file_reports_a_deleted_shard(shards: list[Path]) -> None:
         assert missing_sources(f) == ["shard_1.h5"]
         assert np.isnan(f["layers/conv2/activation"][4:8]).all()  # what HDF5 silently returns
         assert f["images/index"][4:8].tolist() == [-1] * 4
+    report = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert "WARNING: virtual file: source files missing, their images read as NaN: shard_1.h5" in report.stdout
+    data = json.loads(CliRunner().invoke(cli, ["inspect", str(out), "--json"]).stdout)
+    assert data["missing_sources"] == ["shard_1.h5"]
 
 
 # ---------------------------------------------------------------------------- command line
