@@ -17,7 +17,9 @@ import queue
 import secrets
 import threading
 import time
+import zlib
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -159,6 +161,9 @@ class MapWriter:
     _file: h5py.File | None = None
     _path: Path | None = None  # the file being written
     _channel_stats: dict[tuple[str, str], ChannelStats] = field(default_factory=dict)
+    _compressors: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(COMPRESSORS, thread_name_prefix="fmap-gzip")
+    )
 
     def __enter__(self) -> MapWriter:
         try:
@@ -379,22 +384,33 @@ class MapWriter:
         put(f["images/index"], np.asarray(batch.indices, dtype=np.int64))
         if self.input_shape is not None and batch.pixels is not None:
             put(f[schema.INPUT], batch.pixels)
+        # Statistics are computed by the pool while this thread writes (numpy lets go of the GIL);
+        # each task owns one layer's running statistics.
+        pending = {layer.name: self._compressors.submit(self._layer_stats, layer, batch) for layer in self.layers}
         for layer in self.layers:
             z, a = batch.maps[layer.name]
             group = f[schema.LAYERS][layer.name]
             for role, values in ((schema.PREACTIVATION, z), (schema.ACTIVATION, a)):
-                if values is None or role not in self._roles(layer):
-                    continue
-                self._channel_stats[(layer.name, role)].update(values)
-                if self._stores(layer, role):
-                    put(group[role], self._cast(layer.name, values))
-            stats = group[schema.STATS]
-            for name, values in image_stats(a if layer.has_activation else z).items():
+                if values is not None and self._stores(layer, role):
+                    ds = group[role]
+                    ds.resize(stop, axis=0)
+                    write_rows(ds, start, self._cast(layer.name, values), self._compressors)
+        for layer in self.layers:
+            stats = f[schema.LAYERS][layer.name][schema.STATS]
+            for name, values in pending[layer.name].result().items():
                 put(stats[name], values)
             self._write_channel_stats(layer, stats)
         self.n_images = stop
         f.attrs["n_images"] = np.int64(stop)
         f.flush()  # a killed run leaves a readable file holding every finished batch
+
+    def _layer_stats(self, layer: LayerRecord, batch: Batch) -> dict[str, np.ndarray]:
+        """Update one layer's running per-channel statistics; return its per-image ones."""
+        z, a = batch.maps[layer.name]
+        for role, values in ((schema.PREACTIVATION, z), (schema.ACTIVATION, a)):
+            if values is not None and role in self._roles(layer):
+                self._channel_stats[(layer.name, role)].update(values)
+        return image_stats(a if layer.has_activation else z)
 
     def _cast(self, layer: str, values: np.ndarray) -> np.ndarray:
         if self.storage.dtype != "float16":
@@ -453,6 +469,7 @@ class MapWriter:
         if self.n_images == 0:
             self._abandon(remove=self.mode == "new")
             raise FmapError(f"{self.out}: no images were written")
+        self._compressors.shutdown(wait=True)
         try:
             if "append_base" in f.attrs:
                 del f.attrs["append_base"]
@@ -476,6 +493,7 @@ class MapWriter:
         return self._file
 
     def _abandon(self, remove: bool) -> None:
+        self._compressors.shutdown(wait=True)
         if self._file is not None:
             try:
                 self._file.close()
@@ -484,6 +502,39 @@ class MapWriter:
         if remove and self._path is not None and self._path != self.out:
             with contextlib.suppress(OSError):  # e.g. never created: the original error is what matters
                 self._path.unlink()
+
+
+COMPRESSORS = os.cpu_count() or 2  # threads compressing gzip chunks (zlib lets go of the GIL)
+
+
+def write_rows(ds: h5py.Dataset, start: int, values: np.ndarray, pool: ThreadPoolExecutor) -> None:
+    """Write ``values`` into rows ``start``.. of ``ds`` (already resized).
+
+    A gzip dataset without shuffle, chunked one row at a time, gets its chunks compressed by
+    ``pool`` with zlib, which releases the GIL, and written as stored bytes: HDF5's own filter
+    compresses on one core while holding the GIL, which stalls the model thread. Any HDF5 reader
+    sees ordinary deflate chunks (../shared/HDF5-NOTES.md section 7).
+    """
+    chunks = ds.chunks
+    if ds.compression != "gzip" or ds.shuffle or chunks is None or chunks[0] != 1:
+        ds[start : start + len(values)] = values
+        return
+    level = int(ds.compression_opts)
+    values = np.ascontiguousarray(values, dtype=ds.dtype)
+    grid = list(itertools.product(*(range(0, n, c) for n, c in zip(ds.shape[1:], chunks[1:], strict=True))))
+
+    def compress(job: tuple[int, tuple[int, ...]]) -> tuple[tuple[int, ...], bytes]:
+        row, corner = job
+        block = values[(row, *(slice(o, o + c) for o, c in zip(corner, chunks[1:], strict=True)))]
+        if block.shape != chunks[1:]:  # an edge chunk is stored full size
+            padded = np.zeros(chunks[1:], dtype=values.dtype)
+            padded[tuple(slice(0, n) for n in block.shape)] = block
+            block = padded
+        return (start + row, *corner), zlib.compress(np.ascontiguousarray(block).tobytes(), level)
+
+    jobs = [(row, corner) for row in range(len(values)) for corner in grid]
+    for offset, data in pool.map(compress, jobs):
+        ds.id.write_direct_chunk(offset, data)
 
 
 def copy_rows(src: h5py.Dataset, dst: h5py.Dataset, count: int, start: int = 0) -> int:
