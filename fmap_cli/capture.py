@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .errors import ModelError
+
 # Nonlinearities by op name (in-place variants end in "_", aten names end in ".default").
 NONLINEAR_OPS = {
     "relu", "relu6", "leaky_relu", "elu", "celu", "selu", "gelu", "silu", "hardswish", "hardsigmoid",
@@ -105,7 +107,6 @@ class LayerInfo:
     stride: tuple[int, int] = (-1, -1)
     start: tuple[float, float] = (float("nan"), float("nan"))
     input_tags: list[tuple[str, str]] = field(default_factory=list)  # (layer, role) of the input tensor
-    done_at: int = 0  # event index after which nothing more is learnt about this layer
 
     @property
     def a_is_f_of_z(self) -> bool:
@@ -225,9 +226,12 @@ class Recorder:
     each operation, which the recorder runs itself so it can copy an input before an in-place op.
     """
 
-    def __init__(self, wanted: set[str] | None, stop_at: int | None = None, image_size: tuple[int, int] = (0, 0)):
-        self.wanted = wanted  # None: discovery (describe every layer, keep no data)
-        self.stop_at = stop_at
+    def __init__(self, expected: dict[str, set[str]] | None, image_size: tuple[int, int] = (0, 0)):
+        # expected: the roles ("z", "a") to capture per wanted layer; None: discovery (describe
+        # every layer, keep no data). The forward pass stops once every expected role is held.
+        self.wanted = set(expected) if expected is not None else None
+        self._expected = expected
+        self._missing = sum(len(roles) for roles in expected.values()) if expected is not None else -1
         self.image_size = image_size
         self.layers: dict[str, LayerInfo] = {}
         self.events = 0
@@ -295,7 +299,6 @@ class Recorder:
             self._inside_leaf -= 1
         out = _first_tensor(output)
         info = self.layers[scope.name]
-        self._touch(info)
         if out is not None:
             info.output_shape = tuple(out.shape[1:])
             self._set_geometry(info, out)
@@ -359,7 +362,6 @@ class Recorder:
             source = self.layers[origin]
             source.nonlinearity, source.nonlinearity_params = info.nonlinearity, info.nonlinearity_params
             source.path_to_activation = [*path, info.name]
-            self._touch(source)
             self._store(origin, "a", out)
             self._tag(out, origin, "activation")
         self._store(info.name, "z", x)
@@ -397,10 +399,7 @@ class Recorder:
             self._lineage.set(out, {**earlier, **merged})
 
     def _extended(self, lineage: dict[str, list[str]], label: str) -> dict[str, list[str]]:
-        live = {origin: [*path, label] for origin, path in lineage.items() if origin not in self._resolved}
-        for origin in live:
-            self._touch(self.layers[origin])
-        return live
+        return {origin: [*path, label] for origin, path in lineage.items() if origin not in self._resolved}
 
     def _finish_container(self, info: LayerInfo, scope: _Scope, out: torch.Tensor) -> None:
         last = scope.last_nonlinearity
@@ -445,7 +444,10 @@ class Recorder:
     def _store(self, name: str, role: str, t: torch.Tensor | _Box | None) -> None:
         if t is None or not self._wants(name):
             return
-        self._wanted_boxes.setdefault(name, {})[role] = t if isinstance(t, _Box) else self._hold(t)
+        held = self._wanted_boxes.setdefault(name, {})
+        if role not in held and self._expected is not None and role in self._expected[name]:
+            self._missing -= 1
+        held[role] = t if isinstance(t, _Box) else self._hold(t)
 
     def _name(self, base: str) -> str:
         count = self._calls.get(base, 0) + 1
@@ -458,11 +460,7 @@ class Recorder:
         tags = list(self._tags.get(x, [])) if x is not None else []
         info = LayerInfo(name, kind, type_, module, hyper, input_tags=tags)
         self.layers[name] = info
-        self._touch(info)
         return info
-
-    def _touch(self, info: LayerInfo) -> None:
-        info.done_at = self.events
 
     def _tag(self, t: torch.Tensor, name: str, role: str) -> None:
         self._tags.set(t, [*self._tags.get(t, []), (name, role)])
@@ -498,7 +496,7 @@ class Recorder:
 
     def _tick(self) -> None:
         self.events += 1
-        if self.stop_at is not None and self.events >= self.stop_at:
+        if self._missing == 0:
             raise _StopForward
 
 
@@ -664,30 +662,28 @@ def capture(
 ) -> Iterator[Callable[[torch.Tensor], dict[str, LayerMaps]]]:
     """Yield ``run(x) -> {name: LayerMaps}`` for the layers ``names`` (described by :func:`discover`).
 
-    The forward pass stops as soon as the last wanted map exists, so an early layer costs only
-    the layers up to it. If a model takes another path through its code than in ``discover`` and a
-    map is missing at that point, the batch is run again in full.
+    The forward pass stops as soon as every wanted map exists, so an early layer costs only the
+    layers up to it.
+
+    Raises (from ``run``):
+        ModelError: a wanted map was not produced: the model took another path through its code
+            than for the image :func:`discover` saw.
     """
-    wanted = set(names)
-    stop_at: int | None = max(layers[name].done_at for name in names) + 1
+    expected = {name: {"z"} | ({"a"} if layers[name].nonlinearity != "none" else set()) for name in names}
 
     def run(x: torch.Tensor) -> dict[str, LayerMaps]:
-        nonlocal stop_at
-        recorder = Recorder(wanted, stop_at, image_size=(x.shape[-2], x.shape[-1]))
+        recorder = Recorder(expected, image_size=(x.shape[-2], x.shape[-1]))
         _forward(model, x, recorder)
-        if stop_at is not None and not _complete(recorder.maps, layers, names):
-            stop_at = None
-            recorder = Recorder(wanted, None, image_size=(x.shape[-2], x.shape[-1]))
-            _forward(model, x, recorder)
-        return recorder.maps
+        maps = recorder.maps
+        for name, roles in expected.items():
+            got = maps.get(name)
+            for role in sorted(roles):
+                if got is None or getattr(got, role) is None:
+                    raise ModelError(
+                        f"layer '{name}' produced no {role} for this batch: the model took another path through "
+                        "its code (data-dependent control flow) than for the blank image used to list its layers"
+                    )
+        return maps
 
     with _eval(model):
         yield run
-
-
-def _complete(maps: dict[str, LayerMaps], layers: dict[str, LayerInfo], names: Sequence[str]) -> bool:
-    for name in names:
-        got = maps.get(name)
-        if got is None or got.z is None or (layers[name].nonlinearity != "none" and got.a is None):
-            return False
-    return True

@@ -52,8 +52,16 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def bench_model(name: str, model: torch.nn.Module, x: torch.Tensor, variants: dict[str, list[str]], reps: int) -> None:
-    """Time the bare forward pass and each capture variant; print medians and paired ratios."""
+def bench_model(
+    name: str,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    variants: dict[str, list[str]],
+    reps: int,
+    others: dict[str, Callable[[], object]] | None = None,
+) -> None:
+    """Time the bare forward pass, each capture variant and ``others`` (other tools doing the same
+    capture); print medians and paired ratios."""
     layers = discover(model, x[:1])
 
     def bare() -> None:
@@ -67,6 +75,7 @@ def bench_model(name: str, model: torch.nn.Module, x: torch.Tensor, variants: di
         run = ctx.__enter__()
         contexts.append(ctx)
         runners[label] = lambda run=run: run(x)
+    runners.update(others or {})
     for fn in runners.values():  # warm-up: allocator, oneDNN kernel selection
         fn()
     times: dict[str, list[float]] = {label: [] for label in runners}
@@ -148,6 +157,17 @@ def bench_inspect(gigabytes: float, directory: Path, reps: int) -> None:
     print(f"  {'read_summary without stats (scan)':<36} {scan:>8.3f} s  ({scan / with_stats:.0f}x slower)")
 
 
+def torchlens_reference(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """TorchLens saving every conv2d output, when it is installed: the tool a user would otherwise
+    pick (it is not a dependency; ``pip install torchlens`` to include it)."""
+    try:
+        import torchlens
+    except ImportError:
+        print("(torchlens not installed: its reference timing is skipped)")
+        return {}
+    return {"torchlens trace, every conv2d saved": lambda: torchlens.trace(model, x, save=torchlens.func("conv2d"))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=7)
@@ -175,6 +195,7 @@ def main() -> None:
             f"capture all {len(convs)} convs (z and a)": convs,
         },
         args.reps,
+        torchlens_reference(resnet, x),
     )
     if args.inspect_gb > 0:
         bench_inspect(args.inspect_gb, args.inspect_dir, args.reps)
