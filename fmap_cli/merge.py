@@ -27,6 +27,7 @@ from .errors import FmapError, FmapFileError, UsageError, first_line
 from .inputs import Shard
 from .resume import differences, file_fingerprint
 from .stats import SUMMARY, ChannelStats
+from .summary import open_fmap
 from .writer import STR, copy_rows, safe_text, temporary_path
 
 # Attributes the HDF5 dimension-scale API owns (they hold references into their own file).
@@ -113,18 +114,8 @@ def read_shard(path: Path) -> tuple[ShardFile, dict[str, str]]:
         FmapFileError: missing, not a complete fmap file, or rows outside its share.
         UsageError: an fmap file made without --shard.
     """
-    if not path.is_file():
-        raise FmapFileError(f"{path}: no such file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise FmapFileError(f"{path}: not an HDF5 file (or it is corrupt)") from None
-    with f:
+    with open_fmap(path) as f:
         attrs = f.attrs
-        if "fmap_schema_version" not in attrs:
-            raise FmapFileError(f"{path}: an HDF5 file, but not written by fmap")
-        if int(attrs.get("complete", 0)) != 1:
-            raise FmapFileError(f"{path}: incomplete file (complete=0); finish it with 'fmap extract ... --resume'")
         if attrs.get("virtual", 0) or "shard_index" not in attrs:
             raise UsageError(f"{path}: not a shard (made without 'fmap extract --shard K/N')")
         shard = Shard(int(attrs["shard_index"]), int(attrs["shard_count"]))

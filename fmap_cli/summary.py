@@ -169,7 +169,10 @@ def open_fmap(path: str | Path) -> Iterator[h5py.File]:
                 f"({schema.SCHEMA_VERSION}); upgrade fmap"
             )
         if int(f.attrs.get("complete", 0)) != 1:
-            raise FmapFileError(f"{path}: incomplete file (complete=0): the run that wrote it did not finish")
+            raise FmapFileError(
+                f"{path}: incomplete file (complete=0): the run writing it did not finish; "
+                "rerun that command (with --resume, or --append if it was appending)"
+            )
         yield f
     finally:
         f.close()
