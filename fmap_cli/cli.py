@@ -342,12 +342,12 @@ def layers(
       fmap layers --model torchvision:resnet18 --layers 'layer1.*'
     """
     with _errors():
-        from . import extract as pipeline  # runs one blank image through the model
+        from .layers import describe_layers, select_layers  # runs one blank image through the model
         from .models import load_model, parse_model_args
 
         loaded = load_model(model, weights, parse_model_args(model_args))
-        found = pipeline.describe_layers(loaded, size, size_flag=size is not None)
-        keep = pipeline.select_layers(found, patterns, loaded) if patterns else loaded.selectable or list(found)
+        found = describe_layers(loaded, size, size_flag=size is not None)
+        keep = select_layers(found, patterns, loaded) if patterns else loaded.selectable or list(found)
         found = {name: found[name] for name in keep}
     rows = [("layer", "type", "output", "rf", "stride", "f", "z -> a")]
     for name, info in found.items():

@@ -5,7 +5,6 @@ This is the only module that knows every stage; each stage lives in its own modu
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import os
@@ -21,25 +20,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import schema
-from .capture import LayerInfo, LayerMaps, capture, discover
+from .capture import LayerMaps, capture
 from .errors import (
     ImageError,
     ModelError,
-    SpecError,
     StoppedError,
-    UnknownLayerError,
     UsageError,
-    did_you_mean,
     first_line,
 )
 from .images import Failure, ImageBatch, Preprocessing, check_image, load_batch
 from .inputs import Shard
-from .models import LoadedModel, load_model
+from .layers import describe_layers, layer_records, select_layers
+from .models import load_model, resolve_device
 from .resume import appended_list_sha256, check_appendable, find_resumable, fingerprint
-from .spec import InputSpec, ModelSpec, geometry
+from .spec import InputSpec
 from .verify import verify_pairs
-from .writer import BackgroundWriter, Batch, LayerRecord, MapWriter, Storage
+from .writer import BackgroundWriter, Batch, MapWriter, Storage
 
 DECODE_AHEAD = 2  # batches decoded ahead of the model per worker thread (memory: O(batch), not O(images))
 
@@ -95,110 +91,6 @@ class ExtractResult:
         }
 
 
-def select_layers(layers: dict[str, LayerInfo], requested: Sequence[str] | None, model: LoadedModel) -> list[str]:
-    """Names of the layers to store, in forward order.
-
-    ``requested`` holds names or shell-style globs (``layer*.*.conv2``); None selects every
-    linear layer (conv, linear) that is paired with a nonlinearity.
-
-    Raises:
-        UnknownLayerError: a name or glob matches nothing; lists names and suggests the closest.
-    """
-    selectable = [name for name in layers if model.selectable is None or name in model.selectable]
-    if requested is None:
-        chosen = [n for n in selectable if layers[n].kind == "linear" and layers[n].nonlinearity != "none"]
-        if not chosen:
-            raise UnknownLayerError(
-                f"model '{model.name}' has no conv/linear layer followed by a nonlinearity; name layers with --layers"
-            )
-        return chosen
-    wanted: set[str] = set()
-    for pattern in requested:
-        matches = fnmatch.filter(selectable, pattern) if any(c in pattern for c in "*?[") else [pattern]
-        matches = [m for m in matches if m in layers and m in selectable]
-        if not matches:
-            extra = did_you_mean(pattern, selectable)
-            shown = ", ".join(selectable[:30]) + (", ..." if len(selectable) > 30 else "")
-            raise UnknownLayerError(
-                f"--layers: no layer '{pattern}' in model '{model.name}'; {extra}available: {shown} "
-                f"(run 'fmap layers --model {model.source}' for the full list)"
-            )
-        wanted.update(matches)
-    return [name for name in selectable if name in wanted]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA without it is a usage error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device: unknown device '{name}'; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available (torch {torch.__version__}); use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device: unsupported device '{name}'; use cpu, cuda, cuda:N or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return device
-
-
-def provenance(layers: dict[str, LayerInfo], name: str, stored: set[str]) -> tuple[str, str]:
-    """(input, input_via): the nearest stored dataset (or 'input') upstream of a layer, and the
-    unstored layers between them."""
-    via: list[str] = []
-    tags = layers[name].input_tags
-    while tags:
-        for layer, role in reversed(tags):
-            if layer == "input":
-                return schema.INPUT, " -> ".join(via)
-            if layer in stored:
-                dataset = schema.ACTIVATION if role == "activation" else schema.PREACTIVATION
-                return f"/{schema.LAYERS}/{layer}/{dataset}", " -> ".join(via)
-        producer = tags[-1][0]
-        via.insert(0, producer)
-        tags = layers[producer].input_tags if producer in layers else []
-    return "unknown", " -> ".join(via)
-
-
-def layer_records(model: LoadedModel, layers: dict[str, LayerInfo], names: Sequence[str]) -> list[LayerRecord]:
-    """The per-layer metadata the file records, for the chosen layers."""
-    stored = set(names)
-    visible = set(model.selectable) if model.selectable is not None else set(layers)
-    records = []
-    for name in names:
-        info = layers[name]
-        source, via = provenance(layers, name, stored)
-        via = " -> ".join(v for v in via.split(" -> ") if v in visible) if via else ""
-        if model.spec is not None:
-            layer = model.spec.layer(name)
-            layer_type = layer.type
-            hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in layer.params.items()}
-            descriptions = layer.channel_descriptions
-        else:
-            layer_type, hyper, descriptions = info.type, info.hyperparameters, ()
-        records.append(
-            LayerRecord(
-                name=name,
-                type=layer_type,
-                hyperparameters=hyper,
-                input=source,
-                input_via=via,
-                nonlinearity=info.nonlinearity,
-                nonlinearity_params=info.nonlinearity_params,
-                path_to_activation=" -> ".join(info.path_to_activation),
-                a_is_f_of_z=info.a_is_f_of_z,
-                output_shape=info.output_shape,
-                receptive_field=info.receptive_field,
-                receptive_field_stride=info.stride,
-                receptive_field_start=info.start,
-                channel_descriptions=descriptions,
-            )
-        )
-    return records
-
-
 def preprocessing_for(spec: InputSpec, size: tuple[int, int] | None, no_resize: bool) -> Preprocessing:
     """The preprocessing for a model's input spec, with --size / --no-resize applied."""
     if no_resize and size is not None:
@@ -206,47 +98,6 @@ def preprocessing_for(spec: InputSpec, size: tuple[int, int] | None, no_resize: 
     crop = None if no_resize else (size or spec.size)
     resize = spec.resize if size is None else None  # --size replaces the model's resize rule
     return Preprocessing(crop, spec.mean, spec.std, resize, spec.background)
-
-
-def describe_layers(
-    model: LoadedModel, size: tuple[int, int] | None = None, device: str = "cpu", size_flag: bool = False
-) -> dict[str, LayerInfo]:
-    """Every layer of a model (see ``LoadedModel.selectable`` for those users may pick), from one
-    forward pass of a blank image of ``size``.
-
-    Raises:
-        ModelError: the model cannot run on that size (a UsageError naming --size if
-            ``size_flag``: the size came from the command line).
-    """
-    h, w = size or model.input.size
-    try:
-        if model.spec is not None:
-            _check_spec_size(model.spec, (h, w))
-        target = resolve_device(device)
-        try:
-            layers = discover(model.module.to(target), torch.zeros(1, 3, h, w, device=target))
-        except Exception as exc:  # the model's own code: any error is the model's
-            raise ModelError(
-                f"model {model.name}: the forward pass fails on a {h}x{w} image ({first_line(exc)})"
-            ) from None
-    except ModelError as exc:
-        if size_flag:
-            raise UsageError(f"--size {h},{w}: {exc}") from None
-        raise
-    for layer in model.spec.layers if model.spec is not None else ():  # spec models speak the spec's type names
-        layers[layer.name].type = layer.type
-    return layers
-
-
-def _check_spec_size(spec: ModelSpec, size: tuple[int, int]) -> None:
-    """Every layer fits at ``size``, and linear layers get the number of inputs they were built for."""
-    at_size, native = geometry(spec, size), geometry(spec)
-    for layer, got, built in zip(spec.layers, at_size, native, strict=True):
-        if layer.type == "linear" and got.input_shape != built.input_shape:
-            raise SpecError(
-                f"{spec.source}: layer '{layer.name}' needs {built.input_shape[0]} inputs (input size "
-                f"{spec.input.size[0]}x{spec.input.size[1]}) but gets {got.input_shape[0]} at {size[0]}x{size[1]}"
-            )
 
 
 def check_output(out: Path, overwrite: bool, images: Sequence[str]) -> None:

@@ -348,3 +348,20 @@ def load_exported(path: Path) -> LoadedModel:
     description = {"source": str(path), "class": "torch.export.ExportedProgram", "graph": str(program.graph)}
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return LoadedModel(module, path.stem, str(path), InputSpec(size=size), digest, description)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without it is a usage error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: unknown device '{name}'; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available (torch {torch.__version__}); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: unsupported device '{name}'; use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device

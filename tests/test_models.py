@@ -31,7 +31,8 @@ from torch import nn
 from fmap_cli.capture import LayerInfo, capture, discover
 from fmap_cli.cli import cli
 from fmap_cli.errors import ModelError, UnknownLayerError
-from fmap_cli.extract import ExtractOptions, extract, select_layers
+from fmap_cli.extract import ExtractOptions, extract
+from fmap_cli.layers import select_layers
 from fmap_cli.models import load_model, parse_model_args, state_sha256
 
 ZOO = "tests/zoo.py"  # relative to the repository root: tests chdir there (monkeypatch.chdir(REPO))
