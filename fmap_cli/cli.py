@@ -232,8 +232,10 @@ def extract(
             stop_requested=lambda: received[0] if received else None,
             progress=report.progress,
         )
-    report.done(result.images_written, len(result.failures), len(result.layers), result.seconds)
-    click.echo(json.dumps(result.to_dict()) if as_json else str(result.out))
+    if result.layers:  # an empty shard writes nothing and prints no path
+        report.done(result.images_written, len(result.failures), len(result.layers), result.seconds)
+    if as_json or result.layers:
+        click.echo(json.dumps(result.to_dict()) if as_json else str(result.out))
     if result.failures:
         sys.exit(1)
 
@@ -323,6 +325,8 @@ def inspect(file: Path, as_json: bool, top: int | None, hist: bool, **details: A
     with _errors():
         summary = read_summary(file, Details(top=top or 0, hist_bins=HIST_BINS if hist else 0, **details))
     click.echo(json.dumps(summary.to_dict(), indent=2, allow_nan=False) if as_json else format_summary(summary))
+    if summary.missing_sources:  # the report above is of NaN rows: not a usable result
+        raise click.ClickException(f"{file}: source files missing: {', '.join(summary.missing_sources)}")
 
 
 @cli.command()

@@ -35,7 +35,7 @@ from .models import load_model, resolve_device
 from .resume import appended_list_sha256, check_appendable, find_resumable, fingerprint
 from .spec import InputSpec
 from .verify import verify_pairs
-from .writer import BackgroundWriter, Batch, MapWriter, Storage
+from .writer import BackgroundWriter, Batch, MapWriter, Storage, partial_files
 
 DECODE_AHEAD = 2  # batches decoded ahead of the model per worker thread (memory: O(batch), not O(images))
 
@@ -72,6 +72,7 @@ class ExtractResult:
 
     out: Path
     images_written: int  # by this run
+    images_total: int  # in the file (more than written after --resume or --append)
     failures: list[Failure]
     layers: list[str]
     device: str
@@ -83,6 +84,7 @@ class ExtractResult:
         return {
             "output": str(self.out),
             "images_written": self.images_written,
+            "images_in_file": self.images_total,
             "images_failed": [{"index": f.index, "path": f.path, "reason": f.reason} for f in self.failures],
             "layers": self.layers,
             "bytes": self.out.stat().st_size if self.out.exists() else 0,
@@ -150,11 +152,13 @@ def extract(
         layers = describe_layers(model, prep.size, str(device), size_flag=options.size is not None)
         select_layers(layers, options.layers, model)
     work = options.shard.select(options.images) if options.shard else list(enumerate(options.images))
-    if not work:
-        raise UsageError(
-            f"--shard {options.shard.index}/{options.shard.count}: no images in this share of "
-            f"{len(options.images)} inputs; use at most {len(options.images)} shares"
+    if not work:  # more array tasks than inputs: this one has nothing to do, which is no error
+        assert options.shard is not None
+        log(
+            f"shard {options.shard.index}/{options.shard.count} (from --shard or SLURM_ARRAY_*) of "
+            f"{len(options.images)} input(s) is empty: nothing to write; fmap merge does not expect it"
         )
+        return ExtractResult(options.out, 0, 0, [], [], str(device), time.perf_counter() - started, 0)
     list_sha256 = input_list_sha256(options.images)
     attrs: dict[str, Any] = {
         "torch_version": torch.__version__,
@@ -178,6 +182,10 @@ def extract(
         {**attrs, "layers": np.array(names), "storage": json.dumps(options.storage.describe())}, options.save_input
     )
     plan = _continuation(options, ours, list_sha256, work, attrs, log)
+    stale = [p for p in partial_files(options.out) if p != plan.replaces]
+    if stale:
+        log(f"note: {len(stale)} temporary file(s) of earlier runs beside {options.out} are left as they are "
+            f"({', '.join(p.name for p in stale[:3])}); --resume continues the newest, or delete them")  # fmt: skip
     if plan.handled:  # by the run being resumed: neither decoded again nor recorded again
         good = [item for item in good if item[0] not in plan.handled]
         failures = [f for f in failures if f.index not in plan.handled]
@@ -239,7 +247,8 @@ def extract(
     return ExtractResult(
         out=options.out,
         images_written=writer.n_images - already,
-        failures=[*plan.earlier, *failures],  # a resumed job reports all its failures
+        images_total=writer.n_images,
+        failures=sorted([*plan.earlier, *failures], key=lambda f: f.index),  # a resumed job reports them all
         layers=[record.name for record in writer.layers],
         device=str(device),
         seconds=time.perf_counter() - started,

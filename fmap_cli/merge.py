@@ -155,7 +155,7 @@ def check_shards(paths: Sequence[Path]) -> list[ShardFile]:
         differ += [words for key, words in EXTRA_PARTS.items() if theirs[key] != reference[key]]
         if differ:
             raise UsageError(
-                f"{shard.path}: made with a different {', '.join(differ)} than {first.path}; "
+                f"{shard.path}: differs from {first.path} in: {'; '.join(differ)}; "
                 "only the shards of one 'fmap extract --shard K/N' job can be merged"
             )
         twin = by_index.setdefault(shard.shard.index, shard)

@@ -244,7 +244,8 @@ def load_model(
     model_args = model_args or {}
     if model is None or model in BUILTIN_MODELS or model.lower().endswith((".toml", ".json")):
         if weights is not None or model_args:
-            raise UsageError("--weights and --model-arg do not apply to spec models (the spec names its weights)")
+            given = " and ".join(flag for flag, value in (("--weights", weights), ("--model-arg", model_args)) if value)
+            raise UsageError(f"{given}: not for built-in or .toml/.json spec models, whose spec names their weights")
         return load_spec_model(load_spec(model))
     if model.lower().endswith(".pt2"):
         if weights is not None or model_args:

@@ -52,8 +52,16 @@ def _text(value: Any) -> str:
 
 
 def differences(theirs: Mapping[str, str], ours: Mapping[str, str]) -> list[str]:
-    """Names (as users know them) of the fingerprint parts that differ."""
-    return [FINGERPRINT[key] for key in FINGERPRINT if theirs.get(key) != ours.get(key)]
+    """The fingerprint parts that differ, as users know them, with both values when they are short."""
+    found = []
+    for key, words in FINGERPRINT.items():
+        a, b = theirs.get(key, ""), ours.get(key, "")
+        if a == b:
+            continue
+        if key == "weights_sha256":
+            a, b = a[:12], b[:12]
+        found.append(f"{words} ({a} vs {b})" if max(len(a), len(b)) <= 60 else words)
+    return found
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,7 @@ def find_resumable(
     differ = differences(theirs, ours) + (["input list"] if their_list != list_sha256 else [])
     if differ:
         raise UsageError(
-            f"--resume: {path} was made with a different {', '.join(differ)}; delete it or run without --resume"
+            f"--resume: {path} differs from this run in: {'; '.join(differ)}; delete it or run without --resume"
         )
     handled = frozenset([*indices, *(f.index for f in failures)])
     by_index = dict(work)
@@ -162,7 +170,7 @@ def check_appendable(out: Path, ours: Mapping[str, str], list_sha256: str) -> Ap
         raise UsageError(f"--append: {out} is not a readable HDF5 file") from None
     differ = differences(theirs, ours)
     if differ:
-        raise UsageError(f"--append: {out} was made with a different {', '.join(differ)}; write a new file instead")
+        raise UsageError(f"--append: {out} differs from this run in: {'; '.join(differ)}; write a new file instead")
     if complete:
         return Appendable(n_inputs, list_hash, True)
     if base is None:

@@ -144,11 +144,17 @@ def _finite(value: Any) -> Any:
 
 
 @contextmanager
-def open_fmap(path: str | Path) -> Iterator[h5py.File]:
+def open_fmap(path: str | Path, missing_sources_ok: bool = False) -> Iterator[h5py.File]:
     """Open a complete fmap file for reading.
 
+    Args:
+        path: the file.
+        missing_sources_ok: open a virtual (merged) file even when shard files it reads from are
+            gone (their rows read as NaN); ``inspect`` does, to report them.
+
     Raises:
-        FmapFileError: missing, not HDF5, not written by fmap, incomplete, or a newer schema.
+        FmapFileError: missing, not HDF5, not written by fmap, incomplete, a newer schema, or
+            a virtual file whose source files are missing.
     """
     path = Path(path)
     if not path.is_file():
@@ -173,15 +179,21 @@ def open_fmap(path: str | Path) -> Iterator[h5py.File]:
                 f"{path}: incomplete file (complete=0): the run writing it did not finish; "
                 "rerun that command (with --resume, or --append if it was appending)"
             )
+        gone = missing_sources(f) if int(f.attrs.get("virtual", 0)) else []
+        if gone and not missing_sources_ok:
+            raise FmapFileError(
+                f"{path}: virtual file whose source files are missing: {', '.join(gone)}; "
+                "their images would read as NaN (put the shards back beside it)"
+            )
         yield f
     finally:
         f.close()
 
 
 @contextmanager
-def reading(path: str | Path) -> Iterator[h5py.File]:
+def reading(path: str | Path, missing_sources_ok: bool = False) -> Iterator[h5py.File]:
     """:func:`open_fmap`, turning any inconsistency inside the file into a one-line FmapFileError."""
-    with open_fmap(path) as f:
+    with open_fmap(path, missing_sources_ok) as f:
         try:
             yield f
         except FmapError:
@@ -247,7 +259,7 @@ def read_summary(path: str | Path, details: Details = Details()) -> FileSummary:
     """
     if details.channel is not None and details.layer is None:
         raise UsageError("--channel needs --layer (which layer's channel?)")
-    with reading(path) as f:
+    with reading(path, missing_sources_ok=True) as f:
         return _summarise(f, str(path), details)
 
 

@@ -470,6 +470,7 @@ class MapWriter:
             self._abandon(remove=self.mode == "new")
             raise FmapError(f"{self.out}: no images were written")
         self._compressors.shutdown(wait=True)
+        _sort_failures(f)
         try:
             if "append_base" in f.attrs:
                 del f.attrs["append_base"]
@@ -535,6 +536,16 @@ def write_rows(ds: h5py.Dataset, start: int, values: np.ndarray, pool: ThreadPoo
     jobs = [(row, corner) for row in range(len(values)) for corner in grid]
     for offset, data in pool.map(compress, jobs):
         ds.id.write_direct_chunk(offset, data)
+
+
+def _sort_failures(f: h5py.File) -> None:
+    """Order /failures by input position (header failures are found before decode failures)."""
+    if "failures" not in f:
+        return
+    group = f["failures"]
+    order = np.argsort(group["index"][...], kind="stable")
+    for name in ("index", "path", "reason"):
+        group[name][...] = group[name][...][order]
 
 
 def copy_rows(src: h5py.Dataset, dst: h5py.Dataset, count: int, start: int = 0) -> int:

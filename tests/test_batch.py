@@ -1078,3 +1078,19 @@ def test_memory_is_bounded_by_the_batch(tmp_path: Path, tiny_model: Path, monkey
             ds = f[f"layers/{key}"]
             assert ds.maxshape[0] is None  # resizable along N: appended batch by batch
             assert ds.chunks is not None and ds.chunks[0] == 1
+
+
+def test_more_array_tasks_than_images_is_no_error(tmp_path: Path, tiny_model: Path) -> None:
+    """A SLURM array larger than the input list: the empty task exits 0 and writes nothing, and
+    the merge of the others does not miss it."""
+    images = photos(tmp_path / "imgs", 2)
+    outs = [tmp_path / f"shard_{k}.h5" for k in range(3)]
+    results = [extract(images, tiny_model, out, "--shard", f"{k}/3") for k, out in enumerate(outs)]
+    assert [r.exit_code for r in results] == [0, 0, 0]
+    empty = [k for k, out in enumerate(outs) if not out.exists()]
+    assert empty == [0]  # 2 images over 3 shares: share 0 is [0, 0)
+    assert results[0].stdout == "" and "is empty: nothing to write" in results[0].stderr
+    merged = tmp_path / "all.h5"
+    done = invoke("merge", *[out for out in outs if out.exists()], "-o", merged)
+    assert done.exit_code == 0, done.output
+    assert stored_index(merged) == [0, 1]

@@ -249,10 +249,10 @@ def test_failures_of_skip_bad_are_concatenated(make: Make, job: Job, tmp_path: P
 
 def test_shards_of_a_different_run_are_refused(make: Make, shards: list[Path], job: Job) -> None:
     other = make("other.h5", (1, 3), layers=["conv1"])
-    with pytest.raises(UsageError, match=r"other\.h5: made with a different layers than .*shard_0\.h5"):
+    with pytest.raises(UsageError, match=r"other\.h5: differs from .*shard_0\.h5 in: layers \(conv1 vs conv1,conv2\)"):
         merge_shards([shards[0], other, shards[2]], shards[0].with_name("all.h5"))
     other_list = make("other_list.h5", (1, 3), images=job.photos[::-1])
-    with pytest.raises(UsageError, match="different input list"):
+    with pytest.raises(UsageError, match="in: input list"):
         merge_shards([shards[0], other_list, shards[2]], shards[0].with_name("all.h5"))
     other_count = make("other_count.h5", (1, 2))
     with pytest.raises(UsageError, match=r"shard count \(N of --shard K/N\)"):
@@ -331,8 +331,12 @@ def test_virtual_file_reports_a_deleted_shard(shards: list[Path]) -> None:
         assert f["images/index"][4:8].tolist() == [-1] * 4
     report = CliRunner().invoke(cli, ["inspect", str(out)])
     assert "WARNING: virtual file: source files missing, their images read as NaN: shard_1.h5" in report.stdout
+    assert report.exit_code == 1 and "source files missing: shard_1.h5" in report.stderr
     data = json.loads(CliRunner().invoke(cli, ["inspect", str(out), "--json"]).stdout)
     assert data["missing_sources"] == ["shard_1.h5"]
+    rendered = CliRunner().invoke(cli, ["render", str(out), "--layer", "conv2", "-o", str(out.with_suffix(".png"))])
+    assert rendered.exit_code == 1 and "shard_1.h5" in rendered.stderr
+    assert not out.with_suffix(".png").exists()
 
 
 # ---------------------------------------------------------------------------- command line
