@@ -163,6 +163,7 @@ def extract(
     attrs: dict[str, Any] = {
         "torch_version": torch.__version__,
         "command": options.command,
+        "working_directory": str(Path.cwd()),  # relative image paths are relative to it
         "device": str(device),
         "model_name": model.name,
         "model_source": model.source,

@@ -100,6 +100,9 @@ def input_picture(f: h5py.File, n: int) -> np.ndarray:
         pixels = f[schema.INPUT][n]  # (3, H, W), normalised
     else:
         path = f[schema.IMAGES]["path"].asstr()[n]
+        where = str(f.attrs.get("working_directory", ""))
+        if where and not Path(path).is_absolute() and not Path(path).exists():  # relative to where extract ran
+            path = str(Path(where) / path)
         try:
             decoded = decode_image(path, prep.background)
         except ImageError as exc:

@@ -117,6 +117,7 @@ SCHEMA: tuple[Node, ...] = (
             Attr("torch_version", "str", "Version of PyTorch that ran the forward pass."),
             Attr("created", "str", "Creation time, UTC, ISO 8601."),
             Attr("command", "str", "The command line that made the file."),
+            Attr("working_directory", "str", "Where it ran: relative image paths are relative to it."),
             Attr("n_images", "int64", "Number of images N stacked along the first axis of every map."),
             Attr("device", "str", "Device the forward pass ran on (cpu, cuda:0, ...)."),
             Attr("model_name", "str", "Name of the model."),

@@ -274,3 +274,22 @@ def test_render_and_inspect_details_do_not_import_torch(spot_files: tuple[Path, 
         proc = subprocess.run([str(FMAP), *args], capture_output=True, text=True, env=env, timeout=120, check=False)
         assert proc.returncode == 0, proc.stderr
         assert "torch" not in proc.stderr
+
+
+def test_overlay_from_another_directory_finds_relative_image_paths(
+    tmp_path: Path, tiny_model: Path, images: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paths are stored as given (relative here); the file records where extract ran."""
+    monkeypatch.chdir(images[0].parent)
+    out = tmp_path / "rel.h5"
+    extract(ExtractOptions(images=[images[0].name], out=out, model=str(tiny_model), device="cpu"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with h5py.File(out, "r") as f:
+        assert f["images/path"].asstr()[0] == images[0].name
+        picture = input_picture(f, 0)
+    assert picture.ndim == 3 and picture.shape[2] == 3
+    result = CliRunner().invoke(cli, ["render", str(out), "--layer", "conv1", "--overlay", "0", "-o", "o.png"])
+    assert result.exit_code == 0, result.output
+    assert (elsewhere / "o.png").is_file()
