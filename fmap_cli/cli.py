@@ -398,7 +398,12 @@ def schema_command() -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-l", "--layer", required=True, metavar="L", help="The layer to draw.")
 @click.option(
-    "-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), help="PNG (default FILE.L[...].png)."
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    callback=lambda ctx, param, value: _png(value),
+    help="PNG (default FILE.L[...].png).",
 )
 @click.option("--image", default="0", show_default=True, metavar="INDEX|PATH", help="Which image (grid, overlay).")
 @click.option("--role", type=click.Choice(["activation", "preactivation", "both"]), help="Grid: a, z, or both.")
@@ -454,3 +459,9 @@ def merge(
         result = merge_shards(shards, out, virtual, overwrite, allow_missing, shlex.join(sys.argv), report.log)
     report.log(f"merged {len(result.shards)} shards, {result.n_images} images in {result.seconds:.1f} s")
     click.echo(str(result.out))
+
+
+def _png(path: Path | None) -> Path | None:
+    if path is not None and path.suffix.lower() != ".png":
+        raise click.BadParameter(f"{path}: render writes PNG; give a name ending in .png", param_hint="-o")
+    return path
