@@ -267,7 +267,8 @@ def test_render_and_inspect_details_do_not_import_torch(spot_files: tuple[Path, 
     commands = [
         ["render", str(spot_files[1]), "--layer", "conv1", "-o", str(tmp_path / "g.png")],
         ["render", str(spot_files[1]), "--layer", "conv1", "--overlay", "0", "-o", str(tmp_path / "o.png")],
-        ["render", str(spot_files[0]), "--layer", "conv1", "--top", "1", "--channel", "0", "-o", str(tmp_path / "t.png")],
+        ["render", str(spot_files[0]), "--layer", "conv1", "--top", "1", "--channel", "0",
+         "-o", str(tmp_path / "t.png")],
         ["inspect", str(spot_files[0]), "--channels", "--top", "1", "--hist"],
     ]  # fmt: skip
     for args in commands:
