@@ -386,23 +386,3 @@ def geometry(spec: ModelSpec, size: tuple[int, int] | None = None, file: str | N
         )
         shape = out
     return result
-
-
-def expected_parameters(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Every weight key the spec needs (``"<layer>.weight"`` etc.) with its shape."""
-    expected: dict[str, tuple[int, ...]] = {}
-    for layer, geo in zip(spec.layers, geometry(spec), strict=True):
-        p = layer.params
-        if layer.type == "conv2d":
-            kh, kw = p["kernel_size"]
-            expected[f"{layer.name}.weight"] = (p["out_channels"], geo.input_shape[0] // p["groups"], kh, kw)
-            if p["bias"]:
-                expected[f"{layer.name}.bias"] = (p["out_channels"],)
-        elif layer.type == "linear":
-            expected[f"{layer.name}.weight"] = (p["out_features"], geo.input_shape[0])
-            if p["bias"]:
-                expected[f"{layer.name}.bias"] = (p["out_features"],)
-        elif layer.type == "batchnorm2d":
-            for key in ("weight", "bias", "running_mean", "running_var"):
-                expected[f"{layer.name}.{key}"] = (geo.input_shape[0],)
-    return expected
