@@ -23,12 +23,13 @@ import h5py
 import numpy as np
 
 from . import __version__, schema
+from .chunks import copy_rows
 from .errors import FmapError, FmapFileError, UsageError, first_line
 from .inputs import Shard
 from .resume import differences, file_fingerprint
 from .stats import SUMMARY, ChannelStats
 from .summary import open_fmap
-from .writer import STR, copy_rows, safe_text, temporary_path
+from .writer import STR, safe_text, temporary_path
 
 # Attributes the HDF5 dimension-scale API owns (they hold references into their own file).
 DIMENSION_ATTRS = frozenset({"CLASS", "NAME", "REFERENCE_LIST", "DIMENSION_LIST", "DIMENSION_LABELS"})

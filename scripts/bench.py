@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from fmap_cli.capture import capture, discover
+from fmap_cli.chunks import chunk_shape
 from fmap_cli.models import load_model
 from fmap_cli.stats import ChannelStats, image_stats
 from fmap_cli.summary import read_summary
-from fmap_cli.writer import chunk_shape
 
 REPO = Path(__file__).resolve().parent.parent
 
