@@ -428,9 +428,9 @@ class Recorder:
         """
         if not isinstance(target, torch.Tensor) or not self._boxes:
             return
-        storage = target.untyped_storage().data_ptr()
+        storage = _storage(target)
         for box in self._boxes:
-            if box.t.untyped_storage().data_ptr() == storage:
+            if storage is None or _storage(box.t) == storage:  # unknown memory: copy to be safe
                 box.t = box.t.clone()
 
     def _store(self, name: str, role: str, t: torch.Tensor | _Box | None) -> None:
@@ -490,6 +490,14 @@ class Recorder:
         self.events += 1
         if self._missing == 0:
             raise StopForward
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    """Address of a tensor's memory (views share it), or None for tensors without plain storage."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse, nested, some subclasses
+        return None
 
 
 def _scalar_params(args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
