@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from . import schema
-from .stats import SUMMARY, ChannelStats, image_stats
+from .store import schema
+from .store.stats import SUMMARY, ChannelStats, image_stats
 
 SCAN_BYTES = 8 << 20  # one block of a map read at a time
 CHANNEL_FIELDS = SUMMARY

@@ -212,7 +212,7 @@ def extract(
         from . import extract as pipeline  # torch loads here, not for --help
         from .inputs import expand, parse_shard, read_path_list, shard_from_env
         from .models import parse_model_args
-        from .writer import Storage
+        from .store.writer import Storage
 
         paths = expand(images, recursive) + (read_path_list(files_from, nul) if files_from else [])
         storage = Storage(
@@ -389,7 +389,7 @@ def models() -> None:
 @cli.command(name="schema")
 def schema_command() -> None:
     """Print the HDF5 schema that fmap files follow (datasets, attributes, meanings)."""
-    from .schema import render
+    from .store.schema import render
 
     click.echo(render(), nl=False)
 
@@ -452,7 +452,7 @@ def merge(
       fmap merge shard_*.h5 -o all.h5
       fmap merge shard_*.h5 -o all.h5 --virtual
     """
-    from .merge import merge_shards
+    from .store.merge import merge_shards
 
     report = _Reporter(quiet)
     with _errors():

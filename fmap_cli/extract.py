@@ -32,10 +32,10 @@ from .images import Failure, ImageBatch, Preprocessing, check_image, load_batch
 from .inputs import Shard
 from .layers import describe_layers, layer_records, select_layers
 from .models import load_model, resolve_device
-from .resume import appended_list_sha256, check_appendable, find_resumable, fingerprint
 from .spec import InputSpec
+from .store.continuation import appended_list_sha256, check_appendable, find_resumable, fingerprint
+from .store.writer import BackgroundWriter, Batch, MapWriter, Storage, partial_files
 from .verify import verify_pairs
-from .writer import BackgroundWriter, Batch, MapWriter, Storage, partial_files
 
 DECODE_AHEAD = 2  # batches decoded ahead of the model per worker thread (memory: O(batch), not O(images))
 

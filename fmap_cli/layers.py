@@ -9,12 +9,12 @@ from collections.abc import Sequence
 
 import torch
 
-from . import schema
 from .capture import LayerInfo, discover
 from .errors import ModelError, SpecError, UnknownLayerError, UsageError, did_you_mean, first_line
 from .models import LoadedModel, resolve_device
 from .spec import ModelSpec, geometry
-from .writer import LayerRecord
+from .store import schema
+from .store.writer import LayerRecord
 
 
 def select_layers(layers: dict[str, LayerInfo], requested: Sequence[str] | None, model: LoadedModel) -> list[str]:

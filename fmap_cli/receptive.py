@@ -13,11 +13,12 @@ import h5py
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import colormaps, schema
+from . import colormaps
 from .analysis import top_images
 from .drawing import BACKGROUND, LINE_H, LegendLine, fit, legend, stack, write
 from .errors import FmapError, ImageError
 from .images import Preprocessing, decode_image, preprocess
+from .store import schema
 
 ALPHA = 0.8  # opacity of the heat map where the unit fires most
 DIM = 0.6  # the input image is darkened so the heat map stands out

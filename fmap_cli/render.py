@@ -13,12 +13,13 @@ import h5py
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import colormaps, schema
+from . import colormaps
 from .analysis import layer_stats
 from .drawing import BACKGROUND, LINE_H, RED, LegendLine, fit, legend, save_png, stack, write
 from .errors import UsageError, did_you_mean
 from .receptive import overlay, top_patches
-from .summary import check_channel, layer_group, reading
+from .store import schema
+from .store.reader import check_channel, layer_group, reading
 
 ROLES = ("activation", "preactivation", "both")
 SCALES = ("tile", "layer")

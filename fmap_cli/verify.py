@@ -15,8 +15,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import schema
 from .errors import VerificationError
+from .store import schema
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from fmap_cli.capture import capture, discover
-from fmap_cli.chunks import chunk_shape
 from fmap_cli.models import load_model
-from fmap_cli.stats import ChannelStats, image_stats
+from fmap_cli.store.chunks import chunk_shape
+from fmap_cli.store.stats import ChannelStats, image_stats
 from fmap_cli.summary import read_summary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -216,7 +216,7 @@ def bench_merge(images: int = 160, shards: int = 4, reps: int = 3) -> None:
 
     from fmap_cli.extract import ExtractOptions, extract
     from fmap_cli.inputs import Shard
-    from fmap_cli.merge import merge_shards
+    from fmap_cli.store.merge import merge_shards
 
     def map_names(f: h5py.File) -> list[str]:
         names: list[str] = []

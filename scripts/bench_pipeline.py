@@ -25,11 +25,11 @@ import torch
 from PIL import Image
 
 from fmap_cli.capture import capture, discover
-from fmap_cli.chunks import chunk_shape
 from fmap_cli.extract import ExtractOptions, extract, preprocessing_for
 from fmap_cli.images import load_batch
 from fmap_cli.models import load_model
-from fmap_cli.writer import Storage
+from fmap_cli.store.chunks import chunk_shape
+from fmap_cli.store.writer import Storage
 
 BATCH = 16
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fmap_cli import schema
+from fmap_cli.store import schema
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SECTION = re.compile(r"(<!-- fmap schema -->\n```\n)(.*?)(```\n<!-- /fmap schema -->)", re.S)

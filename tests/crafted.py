@@ -10,8 +10,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from fmap_cli.chunks import chunk_shape
 from fmap_cli.images import Preprocessing
+from fmap_cli.store.chunks import chunk_shape
 
 STR = h5py.string_dtype("utf-8")
 

@@ -28,7 +28,7 @@ from conftest import TINY_SPEC, make_photo, tiny_weights
 from fmap_cli import extract as pipeline
 from fmap_cli.cli import cli
 from fmap_cli.errors import StoppedError
-from fmap_cli.writer import WRITE_BEHIND, MapWriter
+from fmap_cli.store.writer import WRITE_BEHIND, MapWriter
 
 FMAP = Path(sys.executable).parent / "fmap"
 LAYERS = ["conv1", "conv2"]

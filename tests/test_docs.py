@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import REPO
 
-from fmap_cli import schema
 from fmap_cli.cli import cli
+from fmap_cli.store import schema
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 

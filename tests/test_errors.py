@@ -27,7 +27,7 @@ from PIL import Image
 from fmap_cli.cli import cli
 from fmap_cli.errors import ImageError
 from fmap_cli.images import check_image, decode_image
-from fmap_cli.writer import BackgroundWriter
+from fmap_cli.store.writer import BackgroundWriter
 
 # ---------------------------------------------------------------- helpers
 

@@ -14,14 +14,14 @@ import pytest
 from click.testing import CliRunner
 from conftest import TINY_SPEC, make_photo, tiny_weights
 
-from fmap_cli import merge as merging
 from fmap_cli.cli import cli
 from fmap_cli.errors import FmapFileError, UsageError
 from fmap_cli.extract import ExtractOptions, extract
 from fmap_cli.inputs import Shard
-from fmap_cli.merge import merge_shards, pool_channel_stats
-from fmap_cli.schema import SCHEMA
-from fmap_cli.summary import missing_sources
+from fmap_cli.store import merge as merging
+from fmap_cli.store.merge import merge_shards, pool_channel_stats
+from fmap_cli.store.reader import missing_sources
+from fmap_cli.store.schema import SCHEMA
 
 LAYERS = ("conv1", "conv2")
 ROLES = ("preactivation", "activation")
@@ -212,7 +212,7 @@ def test_xarray_sees_named_dimensions(shards: list[Path], tmp_path: Path) -> Non
 
 
 def test_saved_input_and_a_single_stored_role(make: Make, tmp_path: Path) -> None:
-    from fmap_cli.writer import Storage
+    from fmap_cli.store.writer import Storage
 
     options = {"save_input": True, "storage": Storage(roles=frozenset({"activation"}))}
     parts = [make(f"s{k}.h5", (k, 2), **options) for k in (0, 1)]

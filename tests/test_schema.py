@@ -18,7 +18,7 @@ from conftest import SAMPLES, make_photo
 
 from fmap_cli.cli import cli
 from fmap_cli.extract import ExtractOptions, extract
-from fmap_cli.schema import SCHEMA, SCHEMA_VERSION, Attr
+from fmap_cli.store.schema import SCHEMA, SCHEMA_VERSION, Attr
 
 MIB = 1 << 20
 ALL_LAYERS = ["conv1", "pool1", "conv2"]

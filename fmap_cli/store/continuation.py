@@ -15,9 +15,9 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ..errors import UsageError
+from ..images import Failure
 from . import schema
-from .errors import UsageError
-from .images import Failure
 from .writer import partial_files
 
 # What must match for maps to belong in one file, with the words used when one differs.

@@ -26,9 +26,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import __version__, schema
+from .. import __version__
+from ..errors import FmapError, StoppedError, first_line
+from . import schema
 from .chunks import COMPRESSORS, chunk_shape, copy_rows, write_rows
-from .errors import FmapError, StoppedError, first_line
 from .stats import SUMMARY, ChannelStats, image_stats
 
 STR = h5py.string_dtype("utf-8")

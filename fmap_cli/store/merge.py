@@ -22,13 +22,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import __version__, schema
+from .. import __version__
+from ..errors import FmapError, FmapFileError, UsageError, first_line
+from ..inputs import Shard
+from . import schema
 from .chunks import copy_rows
-from .errors import FmapError, FmapFileError, UsageError, first_line
-from .inputs import Shard
-from .resume import differences, file_fingerprint
+from .continuation import differences, file_fingerprint
+from .reader import open_fmap
 from .stats import SUMMARY, ChannelStats
-from .summary import open_fmap
 from .writer import STR, safe_text, temporary_path
 
 # Attributes the HDF5 dimension-scale API owns (they hold references into their own file).
