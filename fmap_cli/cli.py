@@ -121,12 +121,74 @@ class CodecType(click.ParamType):
         self.fail(f"expected none, lzf, gzip or gzip:0-9, got {value!r}", param, ctx)
 
 
+def _options(*decorators: Callable[[Any], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Several click options as one decorator, in the order given."""
+
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
+
+
+# What the commands that run a model over images share (extract today; occlusion and projection next).
+input_options = _options(
+    click.argument("images", nargs=-1, type=click.Path(path_type=str)),
+    click.option("-r", "--recursive", is_flag=True, help="Look for images in subdirectories of directories given."),
+    click.option("--files-from", metavar="FILE", help="Read image paths from FILE, one a line ('-' = stdin)."),
+    click.option("-0", "--null", "nul", is_flag=True, help="Paths in --files-from are NUL-separated (find -print0)."),
+    click.option("--skip-bad", is_flag=True, help="Record unreadable images in the file and go on (exit code 1)."),
+    click.option(
+        "--shard",
+        metavar="K/N",
+        help="Process the K-th (from 0) of N shares of the input list (default: from SLURM_ARRAY_*).",
+    ),
+    click.option(
+        "-b", "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per forward pass."
+    ),
+    click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Image-decoding threads."),
+)
+run_options = _options(
+    click.option(
+        "--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]", help="Where the model runs."
+    ),
+    click.option("--size", type=SizeType(), help="Input size N or H,W fed to the network (overrides the model's)."),
+    click.option("--no-resize", is_flag=True, help="Feed images at their own size (all must be equal)."),
+)
+output_options = _options(
+    click.option(
+        "-o",
+        "--output",
+        "out",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=Path("fmap.h5"),
+        show_default=True,
+        help="Output HDF5 file.",
+    ),
+    click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
+    click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout instead of the output path."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress or messages on stderr (errors still)."),
+)
+
+
+def _inputs(
+    images: tuple[str, ...], recursive: bool, files_from: str | None, nul: bool, shard: str | None, skip_bad: bool,
+    batch_size: int, workers: int,
+) -> Any:  # fmt: skip
+    """The input options as an ``extract.Inputs`` (imported here: it loads torch)."""
+    from .extract import Inputs
+    from .inputs import expand, parse_shard, read_path_list, shard_from_env
+
+    paths = expand(images, recursive) + (read_path_list(files_from, nul) if files_from else [])
+    chosen = parse_shard(shard) if shard else shard_from_env(os.environ)
+    return Inputs(paths, shard=chosen, skip_bad=skip_bad, batch_size=batch_size, workers=workers)
+
+
 @cli.command()
-@click.argument("images", nargs=-1, type=click.Path(path_type=str))
-@click.option("-r", "--recursive", is_flag=True, help="Look for images in subdirectories of directories given.")
-@click.option("--files-from", metavar="FILE", help="Read image paths from FILE, one a line ('-' = stdin).")
-@click.option("-0", "--null", "nul", is_flag=True, help="Paths in --files-from are NUL-separated (find -print0).")
+@input_options
 @model_options
+@run_options
 @click.option(
     "-l",
     "--layers",
@@ -134,21 +196,7 @@ class CodecType(click.ParamType):
     metavar="L1,L2",
     help="Layer names or globs to store (default: conv/linear layers followed by a nonlinearity; see 'fmap layers').",
 )
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("fmap.h5"),
-    show_default=True,
-    help="Output HDF5 file.",
-)
-@click.option(
-    "-b", "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per forward pass."
-)
-@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]", help="Where the model runs.")
-@click.option("--size", type=SizeType(), help="Input size N or H,W fed to the network (overrides the model's).")
-@click.option("--no-resize", is_flag=True, help="Feed images at their own size (all must be equal).")
+@output_options
 @click.option("--save-input", is_flag=True, help="Also store the exact input tensor as /input.")
 @click.option(
     "--dtype",
@@ -174,23 +222,15 @@ class CodecType(click.ParamType):
 @click.option(
     "--store", "roles", default="z,a", show_default=True, metavar="z,a", help="Which maps to store: z, a or both."
 )
-@click.option("--skip-bad", is_flag=True, help="Record unreadable images in the file and go on (exit code 1).")
-@click.option(
-    "--shard",
-    metavar="K/N",
-    help="Process the K-th (from 0) of N shares of the input list (default: from SLURM_ARRAY_*).",
-)
 @click.option("--resume", is_flag=True, help="Continue a killed run from its temporary file beside OUT.")
 @click.option("--append", is_flag=True, help="Add the images to the existing, finished OUT.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--verify", is_flag=True, help="Re-check a == f(z) for every stored value before finishing.")
-@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Image-decoding threads.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout instead of the output path.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress or messages on stderr (errors still).")
 def extract(
-    images: tuple[str, ...], recursive: bool, files_from: str | None, nul: bool, out: Path, dtype: str,
-    compression: tuple[str | None, int], z_compression: tuple[str | None, int], roles: str, shard: str | None,
-    as_json: bool, quiet: bool, **options: Any,
+    images: tuple[str, ...], recursive: bool, files_from: str | None, nul: bool, skip_bad: bool, shard: str | None,
+    batch_size: int, workers: int, model: str | None, weights: str | None, model_args: tuple[str, ...], device: str,
+    size: tuple[int, int] | None, no_resize: bool, layers: list[str] | None, out: Path, overwrite: bool,
+    as_json: bool, quiet: bool, save_input: bool, dtype: str, compression: tuple[str | None, int],
+    z_compression: tuple[str | None, int], roles: str, resume: bool, append: bool, verify: bool,
 ) -> None:  # fmt: skip
     """Run images through the model and store z and a of each layer in one HDF5 file.
 
@@ -210,24 +250,29 @@ def extract(
     report = _Reporter(quiet)
     with _errors(), _signals_recorded() as received:
         from . import extract as pipeline  # torch loads here, not for --help
-        from .inputs import expand, parse_shard, read_path_list, shard_from_env
         from .models import parse_model_args
-        from .store.writer import Storage
+        from .store.layout import Storage
 
-        paths = expand(images, recursive) + (read_path_list(files_from, nul) if files_from else [])
-        storage = Storage(
-            preactivation=z_compression, activation=compression, dtype=dtype, roles=_roles(roles),
-        )  # fmt: skip
-        result = pipeline.extract(
-            pipeline.ExtractOptions(
-                images=paths,
-                out=out,
-                model_args=parse_model_args(options.pop("model_args")),
-                storage=storage,
-                shard=parse_shard(shard) if shard else shard_from_env(os.environ),
-                command=shlex.join(sys.argv),
-                **options,
+        options = pipeline.ExtractOptions(
+            inputs=_inputs(images, recursive, files_from, nul, shard, skip_bad, batch_size, workers),
+            out=out,
+            model=pipeline.ModelChoice(
+                model=model,
+                weights=weights,
+                model_args=parse_model_args(model_args),
+                layers=layers,
+                device=device,
+                size=size,
+                no_resize=no_resize,
             ),
+            storage=Storage(preactivation=z_compression, activation=compression, dtype=dtype, roles=_roles(roles)),
+            continuation=pipeline.Continuation(overwrite=overwrite, resume=resume, append=append),
+            save_input=save_input,
+            verify=verify,
+            command=shlex.join(sys.argv),
+        )
+        result = pipeline.extract(
+            options,
             log=report.log,
             stop_requested=lambda: received[0] if received else None,
             progress=report.progress,
@@ -387,11 +432,12 @@ def models() -> None:
 
 
 @cli.command(name="schema")
-def schema_command() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable: every node and attribute with type and shape.")
+def schema_command(as_json: bool) -> None:
     """Print the HDF5 schema that fmap files follow (datasets, attributes, meanings)."""
-    from .store.schema import render
+    from .store.schema import render, to_json
 
-    click.echo(render(), nl=False)
+    click.echo(json.dumps(to_json(), indent=2) if as_json else render(), nl=as_json)
 
 
 @cli.command()
@@ -455,8 +501,11 @@ def merge(
     from .store.merge import merge_shards
 
     report = _Reporter(quiet)
-    with _errors():
-        result = merge_shards(shards, out, virtual, overwrite, allow_missing, shlex.join(sys.argv), report.log)
+    with _errors(), _signals_recorded() as received:
+        result = merge_shards(
+            shards, out, virtual, overwrite, allow_missing, shlex.join(sys.argv), report.log,
+            stop_requested=lambda: received[0] if received else None,
+        )  # fmt: skip
     report.log(f"merged {len(result.shards)} shards, {result.n_images} images in {result.seconds:.1f} s")
     click.echo(str(result.out))
 

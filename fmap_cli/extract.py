@@ -6,8 +6,6 @@ This is the only module that knows every stage; each stage lives in its own modu
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -31,39 +29,64 @@ from .errors import (
 from .images import Failure, ImageBatch, Preprocessing, check_image, load_batch
 from .inputs import Shard
 from .layers import describe_layers, layer_records, select_layers
-from .models import load_model, resolve_device
+from .models import LoadedModel, load_model, resolve_device
+from .pairing import LayerInfo
 from .spec import InputSpec
+from .store.atomic import check_target, partial_files
 from .store.continuation import appended_list_sha256, check_appendable, find_resumable, fingerprint
-from .store.writer import BackgroundWriter, Batch, MapWriter, Storage, partial_files
+from .store.layout import Storage, encode_root
+from .store.rows import Batch
+from .store.writer import BackgroundWriter, MapWriter
 from .verify import verify_pairs
 
 DECODE_AHEAD = 2  # batches decoded ahead of the model per worker thread (memory: O(batch), not O(images))
 
 
 @dataclass(frozen=True)
-class ExtractOptions:
-    """Everything ``fmap extract`` can be asked to do."""
+class Inputs:
+    """Which images a run reads, and how."""
 
     images: Sequence[str]  # the whole input list (directories already expanded), in order
-    out: Path
+    shard: Shard | None = None  # only this share of the list
+    skip_bad: bool = False  # record unreadable images in /failures instead of stopping
+    batch_size: int = 16
+    workers: int = 2  # decoding threads ahead of the model
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model runs, where, on what input size, and which of its layers are stored."""
+
     model: str | None = None  # see models.load_model; None = the default built-in model
     weights: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
     layers: Sequence[str] | None = None  # names or globs; None = every linear layer paired with a nonlinearity
-    batch_size: int = 16
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    save_input: bool = False
-    overwrite: bool = False
     size: tuple[int, int] | None = None  # overrides the model's input size
     no_resize: bool = False
-    verify: bool = False
-    skip_bad: bool = False  # record undecodable images in /failures instead of stopping
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """How a run treats OUT and the runs before it."""
+
+    overwrite: bool = False  # replace OUT
+    resume: bool = False  # continue a killed run's temporary file
+    append: bool = False  # add to the finished OUT
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """Everything ``fmap extract`` can be asked to do."""
+
+    inputs: Inputs
+    out: Path
+    model: ModelChoice = field(default_factory=ModelChoice)
     storage: Storage = field(default_factory=Storage)
-    shard: Shard | None = None
-    resume: bool = False
-    append: bool = False
-    workers: int = 2  # decoding threads ahead of the model
-    command: str = ""
+    continuation: Continuation = field(default_factory=Continuation)
+    save_input: bool = False  # also store the input tensor as /input
+    verify: bool = False  # re-check a == f(z) before finishing
+    command: str = ""  # recorded in the file
 
 
 @dataclass(frozen=True)
@@ -102,22 +125,115 @@ def preprocessing_for(spec: InputSpec, size: tuple[int, int] | None, no_resize: 
     return Preprocessing(crop, spec.mean, spec.std, resize, spec.background)
 
 
-def check_output(out: Path, overwrite: bool, images: Sequence[str]) -> None:
-    """Refuse an output that exists (without --overwrite), sits in a missing or read-only
-    directory, or is one of the input images."""
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out}: already exists; pass --overwrite to replace it")
-    if out.is_dir():
-        raise UsageError(f"-o {out}: is a directory; give a file name")
-    parent = out.parent
-    if not parent.is_dir():
-        raise UsageError(f"-o {out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"-o {out}: directory {parent} is not writable")
-    target = out.resolve()
-    for image in images:
-        if Path(image).resolve() == target:
-            raise UsageError(f"-o {out}: is also an input image; choose another output name")
+@dataclass(frozen=True)
+class _Continued:
+    """How this run relates to earlier ones: a new file, seeded or not, or an in-place append."""
+
+    append: bool = False  # add to the finished OUT in place
+    seed: Path | None = None  # a new file starts with the images already in this one
+    overwrite: bool = False  # the new file may replace OUT
+    handled: frozenset[int] = frozenset()  # input-list positions the seed already handled
+    replaces: Path | None = None  # a killed run's temporary file, removed once seeded
+    offset: int = 0  # added to input-list positions: images appended follow the file's earlier inputs
+    earlier: list[Failure] = field(default_factory=list)  # failures the resumed run already recorded
+    done_before: bool = False  # this --append already added its images: nothing to do
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do, decided before any image is decoded or anything is written."""
+
+    options: ExtractOptions
+    model: LoadedModel
+    device: torch.device
+    prep: Preprocessing
+    layers: dict[str, LayerInfo]  # every layer found in the model
+    names: list[str]  # the stored ones, in forward order
+    todo: list[tuple[int, str]]  # (position in the input list, path) still to decode
+    failures: list[Failure]  # found from headers, not yet recorded
+    attrs: dict[str, Any]  # root attributes of the file
+    continued: _Continued
+    input_shape: tuple[int, int, int] | None  # (3, H, W) with --save-input
+    to_handle: int  # images this run is given (its share), for progress
+
+
+def plan(options: ExtractOptions, log: Callable[[str], None] = lambda message: None) -> Plan | None:
+    """Check everything a run needs (output, model, layers, image headers, earlier runs) without
+    decoding an image or writing anything; None when this shard of the input list is empty.
+
+    Raises:
+        FmapError: bad model, weights, layer names, images, output path or continuation.
+    """
+    inputs, choice, continuation = options.inputs, options.model, options.continuation
+    _check_modes(options)
+    if not continuation.append:
+        check_target(options.out, continuation.overwrite or continuation.resume, inputs.images)
+    device = resolve_device(choice.device)
+    model = load_model(choice.model, choice.weights, choice.model_args)
+    prep = preprocessing_for(model.input, choice.size, choice.no_resize)
+    layers = None
+    if prep.size is not None:  # a bad layer name or too small a size fails before any image is read
+        layers = describe_layers(model, prep.size, str(device), size_flag=choice.size is not None)
+        select_layers(layers, choice.layers, model)
+    work = inputs.shard.select(inputs.images) if inputs.shard else list(enumerate(inputs.images))
+    if not work:
+        _empty_shard(options, log)
+        return None
+    good, failures, sizes = _check_headers(work, options)
+    size = prep.size or sizes[good[0][0]]
+    layers = layers or describe_layers(model, size, str(device))
+    names = select_layers(layers, choice.layers, model)
+    attrs = _root_attrs(options, model, prep, device)
+    stored = encode_root({**attrs, "layers": names, "storage": options.storage.describe()})
+    ours = fingerprint(stored, options.save_input)
+    continued = _continuation(options, ours, work, attrs, log)
+    if continued.handled:  # by the run being resumed: neither decoded again nor recorded again
+        good = [item for item in good if item[0] not in continued.handled]
+        failures = [f for f in failures if f.index not in continued.handled]
+    if continued.offset:
+        good = [(index + continued.offset, path) for index, path in good]
+        failures = [Failure(f.index + continued.offset, f.path, f.reason) for f in failures]
+    input_shape = (3, *size) if options.save_input else None
+    return Plan(options, model, device, prep, layers, names, good, failures, attrs, continued, input_shape, len(work))
+
+
+def _empty_shard(options: ExtractOptions, log: Callable[[str], None]) -> None:
+    """More array tasks than inputs: this one has nothing to do, which is no error."""
+    shard = options.inputs.shard
+    assert shard is not None, "only a shard can be empty"
+    log(
+        f"shard {shard.index}/{shard.count} (from --shard or SLURM_ARRAY_*) of {len(options.inputs.images)} "
+        "input(s) is empty: nothing to write; fmap merge does not expect it"
+    )
+    if options.continuation.overwrite and options.out.is_file():
+        options.out.unlink()  # --overwrite: an older file there would be mistaken for this job's shard
+        log(f"removed the older {options.out} (--overwrite)")
+
+
+def _root_attrs(
+    options: ExtractOptions, model: LoadedModel, prep: Preprocessing, device: torch.device
+) -> dict[str, Any]:
+    """The root attributes this run records (see the schema)."""
+    images = options.inputs.images
+    list_sha256 = input_list_sha256(images)
+    attrs: dict[str, Any] = {
+        "torch_version": torch.__version__,
+        "command": options.command,
+        "working_directory": str(Path.cwd()),  # relative image paths are relative to it
+        "device": str(device),
+        "model_name": model.name,
+        "model_source": model.source,
+        "model_spec": model.description,
+        "weights_sha256": model.weights_sha256,
+        "preprocessing": prep.describe(),
+        "input_list_sha256": list_sha256,
+        "n_inputs": len(images),
+        "input_lists": [{"sha256": list_sha256, "n_inputs": len(images)}],
+    }
+    shard = options.inputs.shard
+    if shard:
+        attrs["shard_index"], attrs["shard_count"] = shard.index, shard.count
+    return attrs
 
 
 def extract(
@@ -141,125 +257,111 @@ def extract(
         StoppedError: ``stop_requested`` returned a signal number.
     """
     started = time.perf_counter()
-    _check_modes(options)
-    if not options.append:
-        check_output(options.out, options.overwrite or options.resume, options.images)
-    device = resolve_device(options.device)
-    model = load_model(options.model, options.weights, options.model_args)
-    prep = preprocessing_for(model.input, options.size, options.no_resize)
-    layers = None
-    if prep.size is not None:  # a bad layer name or too small a size fails before any image is read
-        layers = describe_layers(model, prep.size, str(device), size_flag=options.size is not None)
-        select_layers(layers, options.layers, model)
-    work = options.shard.select(options.images) if options.shard else list(enumerate(options.images))
-    if not work:  # more array tasks than inputs: this one has nothing to do, which is no error
-        assert options.shard is not None
-        log(
-            f"shard {options.shard.index}/{options.shard.count} (from --shard or SLURM_ARRAY_*) of "
-            f"{len(options.images)} input(s) is empty: nothing to write; fmap merge does not expect it"
-        )
-        return ExtractResult(options.out, 0, 0, [], [], str(device), time.perf_counter() - started, 0)
-    list_sha256 = input_list_sha256(options.images)
-    attrs: dict[str, Any] = {
-        "torch_version": torch.__version__,
-        "command": options.command,
-        "working_directory": str(Path.cwd()),  # relative image paths are relative to it
-        "device": str(device),
-        "model_name": model.name,
-        "model_source": model.source,
-        "model_spec": json.dumps(model.description, ensure_ascii=True),
-        "weights_sha256": model.weights_sha256,
-        "preprocessing": json.dumps(prep.describe(), ensure_ascii=True),
-        "input_list_sha256": list_sha256,
-        "n_inputs": np.int64(len(options.images)),
-    }
-    if options.shard:
-        attrs["shard_index"], attrs["shard_count"] = np.int64(options.shard.index), np.int64(options.shard.count)
-    good, failures, sizes = _check_headers(work, options)
-    size = prep.size or sizes[good[0][0]]
-    layers = layers or describe_layers(model, size, str(device))
-    names = select_layers(layers, options.layers, model)
-    ours = fingerprint(
-        {**attrs, "layers": np.array(names), "storage": json.dumps(options.storage.describe())}, options.save_input
-    )
-    plan = _continuation(options, ours, list_sha256, work, attrs, log)
-    stale = [p for p in partial_files(options.out) if p != plan.replaces]
+    planned = plan(options, log)
+    if planned is None:
+        return ExtractResult(options.out, 0, 0, [], [], "", time.perf_counter() - started, 0)
+    if planned.continued.done_before:
+        log(f"--append: these {len(options.inputs.images)} inputs were already appended to {options.out}; "
+            "nothing to do")  # fmt: skip
+        return ExtractResult(options.out, 0, 0, [], [], str(planned.device), time.perf_counter() - started, 0)
+    return run(planned, log, stop_requested, progress, started)
+
+
+def run(
+    planned: Plan,
+    log: Callable[[str], None] = lambda message: None,
+    stop_requested: Callable[[], int | None] = lambda: None,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+    started: float | None = None,
+) -> ExtractResult:
+    """Carry out a :func:`plan`: decode, forward with capture, write (see :func:`extract`)."""
+    started = time.perf_counter() if started is None else started
+    options, model, continued = planned.options, planned.model, planned.continued
+    stale = [p for p in partial_files(options.out) if p != continued.replaces]
     if stale:
         log(f"note: {len(stale)} temporary file(s) of earlier runs beside {options.out} are left as they are "
             f"({', '.join(p.name for p in stale[:3])}); --resume continues the newest, or delete them")  # fmt: skip
-    if plan.handled:  # by the run being resumed: neither decoded again nor recorded again
-        good = [item for item in good if item[0] not in plan.handled]
-        failures = [f for f in failures if f.index not in plan.handled]
-    if plan.offset:
-        good = [(index + plan.offset, path) for index, path in good]
-        failures = [Failure(f.index + plan.offset, f.path, f.reason) for f in failures]
-    log(f"model {model.name} ({model.source}) on {device}; layers {', '.join(names)}")
-    net = model.module.to(device)
-    writer = MapWriter(
-        options.out,
-        layer_records(model, layers, names),
-        attrs,
-        (3, *size) if options.save_input else None,
-        options.storage,
-        plan.mode,
-        plan.seed,
-    )
+    log(f"model {model.name} ({model.source}) on {planned.device}; layers {', '.join(planned.names)}")
+    net = model.module.to(planned.device)
+    records = layer_records(model, planned.layers, planned.names)
+    if continued.append:
+        writer = MapWriter.append_to(options.out, records, planned.attrs, options.storage)
+    else:
+        writer = MapWriter.create(options.out, records, planned.attrs, options.storage, planned.input_shape,
+                                  overwrite=continued.overwrite, seed=continued.seed)  # fmt: skip
+    failures = list(planned.failures)
     try:
         verified = 0
         with ExitStack() as stack:
             stack.enter_context(_full_float32())
-            run = stack.enter_context(capture(net, layers, names))
+            forward = stack.enter_context(capture(net, planned.layers, planned.names))
             stack.enter_context(writer)
-            already = writer.n_images  # seeded or appended to: not written by this run
-            if plan.replaces is not None:  # its images are in the new temporary file now
-                plan.replaces.unlink(missing_ok=True)
-            with BackgroundWriter(writer) as sink, _decoded_batches(good, options, prep) as batches:
+            if continued.replaces is not None:  # its images are in the new temporary file now
+                continued.replaces.unlink(missing_ok=True)
+            with (
+                BackgroundWriter(writer) as sink,
+                _decoded_batches(planned.todo, options.inputs, planned.prep) as batches,
+            ):
                 sink.add_failures([(f.index, f.path, f.reason) for f in failures])
                 for batch, failed in batches:
                     _check(stop_requested)
                     if batch is not None:
-                        maps = _forward(run, batch, model.name, device)
-                        sink.append(
-                            Batch(
-                                batch.paths,
-                                batch.original_sizes,
-                                batch.sha256,
-                                batch.indices,
-                                {name: (_host(m.z), _host(m.a)) for name, m in maps.items()},
-                                batch.pixels if options.save_input else None,
-                            )
-                        )
+                        sink.append(_captured(forward, batch, model.name, planned.device, options.save_input))
                     sink.add_failures([(f.index, f.path, f.reason) for f in failed])
                     failures.extend(failed)
-                    progress(len(work) - len(good) + batches.handled, len(work))  # resumed or failed: handled
+                    handled = planned.to_handle - len(planned.todo) + batches.handled  # resumed or failed: handled
+                    progress(handled, planned.to_handle)
                     _check(stop_requested)
             _check(stop_requested)  # a signal that came while the writer thread finished its queue
             if writer.n_images == 0:
                 raise ImageError(_nothing_written(failures))
             if options.verify:
-                report = verify_pairs(writer.file())
-                verified = report.values
-                log(f"verified a == f(z) on {report.values} values in {len(report.layers)} layers")
-                for layer, why in report.skipped.items():
-                    log(f"  not re-checked: {layer} ({why})")
+                verified = _verify(writer, log)
                 _check(stop_requested)
     except StoppedError as exc:
         raise StoppedError(exc.signum, _kept(writer, options)) from None
     return ExtractResult(
         out=options.out,
-        images_written=writer.n_images - already,
+        images_written=writer.n_images - writer.already,
         images_total=writer.n_images,
-        failures=sorted([*plan.earlier, *failures], key=lambda f: f.index),  # a resumed job reports them all
+        failures=sorted([*continued.earlier, *failures], key=lambda f: f.index),  # a resumed job reports them all
         layers=[record.name for record in writer.layers],
-        device=str(device),
+        device=str(planned.device),
         seconds=time.perf_counter() - started,
         values_verified=verified,
     )
 
 
+def _captured(
+    forward: Callable[[torch.Tensor], dict[str, LayerMaps]],
+    batch: ImageBatch,
+    model: str,
+    device: torch.device,
+    save_input: bool,
+) -> Batch:
+    """One decoded batch through the model, as the writer's rows."""
+    maps = _forward(forward, batch, model, device)
+    return Batch(
+        batch.paths,
+        batch.original_sizes,
+        batch.sha256,
+        batch.indices,
+        {name: (_host(m.z), _host(m.a)) for name, m in maps.items()},
+        batch.pixels if save_input else None,
+    )
+
+
+def _verify(writer: MapWriter, log: Callable[[str], None]) -> int:
+    report = verify_pairs(writer.file())
+    log(f"verified a == f(z) on {report.values} values in {len(report.layers)} layers")
+    for layer, why in report.skipped.items():
+        log(f"  not re-checked: {layer} ({why})")
+    return report.values
+
+
 def _kept(writer: MapWriter, options: ExtractOptions) -> str:
     """What an interrupted run leaves, and how to continue it."""
-    if writer.mode == "append":
+    if writer.appending:
         return f"{options.out} is marked incomplete (complete=0); rerun the same command (with --append) to finish it"
     if writer.n_images and writer.path.exists():
         return f"{writer.n_images} images kept in {writer.path}; rerun the same command with --resume to continue"
@@ -267,50 +369,44 @@ def _kept(writer: MapWriter, options: ExtractOptions) -> str:
 
 
 def _check_modes(options: ExtractOptions) -> None:
-    if options.batch_size < 1:
+    continuation = options.continuation
+    if options.inputs.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    if options.resume and options.append:
+    if continuation.resume and continuation.append:
         raise UsageError("--resume and --append cannot be used together")
-    if options.append and (options.overwrite or options.shard):
+    if continuation.append and (continuation.overwrite or options.inputs.shard):
         raise UsageError("--append cannot be combined with --overwrite or --shard")
-    if not options.images:
+    if not options.inputs.images:
         raise UsageError("no images to process (give paths, directories or --files-from)")
-
-
-@dataclass(frozen=True)
-class _Continuation:
-    """How this run relates to earlier ones: a new file, seeded or not, or an in-place append."""
-
-    mode: str = "new"  # or "append"
-    seed: Path | None = None  # copy the images already in this file first
-    handled: frozenset[int] = frozenset()  # input-list positions the seed already handled
-    replaces: Path | None = None  # a killed run's temporary file, removed once seeded
-    offset: int = 0  # added to input-list positions: images appended follow the file's earlier inputs
-    earlier: list[Failure] = field(default_factory=list)  # failures the resumed run already recorded
 
 
 def _continuation(
     options: ExtractOptions,
     ours: dict[str, str],
-    list_sha256: str,
     work: Sequence[tuple[int, str]],
     attrs: dict[str, Any],
     log: Callable[[str], None],
-) -> _Continuation:
-    """What --resume / --append mean for this run."""
-    if options.append:
+) -> _Continued:
+    """What --resume / --append mean for this run (``attrs`` gets the grown input list when appending)."""
+    continuation, list_sha256 = options.continuation, attrs["input_list_sha256"]
+    overwrite = continuation.overwrite or continuation.resume
+    if continuation.append:
         previous = check_appendable(options.out, ours, list_sha256)
-        attrs["n_inputs"] = np.int64(previous.n_inputs + len(options.images))
+        if previous.done_before:
+            return _Continued(done_before=True)
+        attrs["n_inputs"] = previous.n_inputs + len(options.inputs.images)
         attrs["input_list_sha256"] = appended_list_sha256(previous.list_sha256, list_sha256)
+        attrs["input_lists"] = [*previous.input_lists, {"sha256": list_sha256, "n_inputs": len(options.inputs.images)}]
         if previous.complete:
-            return _Continuation("append", offset=previous.n_inputs)
+            return _Continued(append=True, offset=previous.n_inputs)
         log(f"--append: {options.out} was left incomplete by an interrupted append; rebuilding it from its images")
-        return _Continuation(seed=options.out, offset=previous.n_inputs, handled=previous.handled)
-    if options.resume:
+        return _Continued(seed=options.out, overwrite=True, offset=previous.n_inputs, handled=previous.handled)
+    if continuation.resume:
         found = find_resumable(options.out, ours, list_sha256, work, log)
         if found is not None:
-            return _Continuation(seed=found.path, handled=found.handled, replaces=found.path, earlier=found.failures)
-    return _Continuation()
+            return _Continued(seed=found.path, overwrite=overwrite, handled=found.handled, replaces=found.path,
+                              earlier=found.failures)  # fmt: skip
+    return _Continued(overwrite=overwrite)
 
 
 def _nothing_written(failures: Sequence[Failure]) -> str:
@@ -367,12 +463,12 @@ def _check_headers(
             sizes[index] = check_image(path)
             good.append((index, path))
         except ImageError as exc:
-            if not options.skip_bad:
+            if not options.inputs.skip_bad:
                 raise
             failures.append(Failure(index, path, str(exc).removeprefix(f"{path}: ")))
     if not good:
         raise ImageError(_nothing_written(failures))
-    if options.no_resize and len(set(sizes.values())) > 1:
+    if options.model.no_resize and len(set(sizes.values())) > 1:
         first = good[0]
         odd = next((i, p) for i, p in good if sizes[i] != sizes[first[0]])
         raise ImageError(
@@ -386,18 +482,18 @@ class _Batches:
     """Decoded batches, produced by worker threads ahead of the model, in input order."""
 
     def __init__(
-        self, items: Sequence[tuple[int, str]], options: ExtractOptions, pool: ThreadPoolExecutor, prep: Preprocessing
+        self, items: Sequence[tuple[int, str]], inputs: Inputs, pool: ThreadPoolExecutor, prep: Preprocessing
     ) -> None:
-        self.items, self.options, self.pool, self.prep = items, options, pool, prep
+        self.items, self.inputs, self.pool, self.prep = items, inputs, pool, prep
         self.handled = 0  # items whose batch has been handed out
         self._next = 0
         self._pending: deque[tuple[int, Future[tuple[ImageBatch | None, list[Failure]]]]] = deque()
 
     def _fill(self) -> None:
-        depth = DECODE_AHEAD * max(1, self.options.workers)
+        depth = DECODE_AHEAD * max(1, self.inputs.workers)
         while len(self._pending) < depth and self._next < len(self.items):
-            chunk = self.items[self._next : self._next + self.options.batch_size]
-            self._pending.append((len(chunk), self.pool.submit(load_batch, chunk, self.prep, self.options.skip_bad)))
+            chunk = self.items[self._next : self._next + self.inputs.batch_size]
+            self._pending.append((len(chunk), self.pool.submit(load_batch, chunk, self.prep, self.inputs.skip_bad)))
             self._next += len(chunk)
 
     def __iter__(self) -> Iterator[tuple[ImageBatch | None, list[Failure]]]:
@@ -416,11 +512,9 @@ class _Batches:
 
 
 @contextmanager
-def _decoded_batches(
-    items: Sequence[tuple[int, str]], options: ExtractOptions, prep: Preprocessing
-) -> Iterator[_Batches]:
-    with ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="fmap-decode") as pool:
-        batches = _Batches(items, options, pool, prep)
+def _decoded_batches(items: Sequence[tuple[int, str]], inputs: Inputs, prep: Preprocessing) -> Iterator[_Batches]:
+    with ThreadPoolExecutor(max_workers=max(1, inputs.workers), thread_name_prefix="fmap-decode") as pool:
+        batches = _Batches(items, inputs, pool, prep)
         try:
             yield batches
         finally:

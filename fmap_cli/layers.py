@@ -14,7 +14,7 @@ from .errors import ModelError, SpecError, UnknownLayerError, UsageError, did_yo
 from .models import LoadedModel, resolve_device
 from .spec import ModelSpec, geometry
 from .store import schema
-from .store.writer import LayerRecord
+from .store.layout import LayerRecord
 
 
 def select_layers(layers: dict[str, LayerInfo], requested: Sequence[str] | None, model: LoadedModel) -> list[str]:

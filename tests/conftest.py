@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -87,3 +89,21 @@ def images(tmp_path: Path) -> list[Path]:
         make_photo(h, w, seed=i).save(path)
         paths.append(path)
     return paths
+
+
+MODEL_KEYS = {"model", "weights", "model_args", "layers", "device", "size", "no_resize"}
+INPUT_KEYS = {"shard", "skip_bad", "batch_size", "workers"}
+CONTINUATION_KEYS = {"overwrite", "resume", "append"}
+
+
+def extract_options(images: Sequence[str | Path], out: Path, **flat: Any) -> Any:
+    """``extract.ExtractOptions`` from flat keywords named like the CLI's flags (tests read better so)."""
+    from fmap_cli.extract import Continuation, ExtractOptions, Inputs, ModelChoice
+
+    def take(keys: set[str]) -> dict[str, Any]:
+        return {key: flat.pop(key) for key in list(flat) if key in keys}
+
+    inputs = Inputs([str(p) for p in images], **take(INPUT_KEYS))
+    return ExtractOptions(
+        inputs, out, ModelChoice(**take(MODEL_KEYS)), continuation=Continuation(**take(CONTINUATION_KEYS)), **flat
+    )

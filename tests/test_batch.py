@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
-from conftest import TINY_SPEC, make_photo, tiny_weights
+from conftest import TINY_SPEC, extract_options, make_photo, tiny_weights
 
 from fmap_cli import extract as pipeline
 from fmap_cli.cli import cli
@@ -199,9 +199,7 @@ def make_partial(
         polls += 1
         return signal.SIGTERM if polls >= 2 * batches else None
 
-    options = pipeline.ExtractOptions(
-        images=[str(p) for p in images], out=out, model=str(model), batch_size=batch_size, **kw
-    )
+    options = extract_options([str(p) for p in images], out=out, model=str(model), batch_size=batch_size, **kw)
     with pytest.raises(StoppedError):
         pipeline.extract(options, stop_requested=stop)
     assert not out.exists()
@@ -773,7 +771,7 @@ def test_resume_from_partial_with_no_images_yet(
     (e.g. while the first images decode) leaves a partial with n_images = 0 and no channel statistics."""
     images = photos(tmp_path / "imgs", 3)
     out = tmp_path / "out.h5"
-    orphan = out.with_name(f".{out.name}.99999.partial")
+    orphan = out.with_name(f".{out.name}.99999-0a1b2c.partial")  # as a killed process 99999 would name it
 
     class KilledError(Exception):
         pass
@@ -786,7 +784,7 @@ def test_resume_from_partial_with_no_images_yet(
     with monkeypatch.context() as patch:
         patch.setattr(MapWriter, "append", killed_before_first_batch)
         with pytest.raises(KilledError):
-            pipeline.extract(pipeline.ExtractOptions(images=[str(p) for p in images], out=out, model=str(tiny_model)))
+            pipeline.extract(extract_options([str(p) for p in images], out=out, model=str(tiny_model)))
     assert partials(out) == [orphan]
     ok(extract(images, tiny_model, out, "--resume"))
     assert stored_paths(out) == [str(p) for p in images]
@@ -900,9 +898,7 @@ def test_interrupted_append_rerun_finishes_without_duplicates(tmp_path: Path, ti
         polls += 1
         return signal.SIGTERM if polls >= 4 else None  # after 2 batches of 1
 
-    options = pipeline.ExtractOptions(
-        images=[str(p) for p in new], out=out, model=str(tiny_model), batch_size=1, append=True
-    )
+    options = extract_options([str(p) for p in new], out=out, model=str(tiny_model), batch_size=1, append=True)
     with pytest.raises(StoppedError, match="--append"):
         pipeline.extract(options, stop_requested=stop)
     with h5py.File(out, "r") as f:
@@ -1064,8 +1060,8 @@ def test_memory_is_bounded_by_the_batch(tmp_path: Path, tiny_model: Path, monkey
     monkeypatch.setattr(pipeline, "load_batch", load)
     monkeypatch.setattr(MapWriter, "append", append)
     out = tmp_path / "out.h5"
-    options = pipeline.ExtractOptions(
-        images=[str(p) for p in images], out=out, model=str(tiny_model), batch_size=batch_size, workers=workers
+    options = extract_options(
+        [str(p) for p in images], out=out, model=str(tiny_model), batch_size=batch_size, workers=workers
     )
     result = pipeline.extract(options)
     assert result.images_written == 60

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import extract_options
 
 from fmap_cli import extract as pipeline
 
@@ -18,7 +19,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def run(images: list[Path], out: Path, model: Path, **options: Any) -> Path:
-    pipeline.extract(pipeline.ExtractOptions(images=[str(p) for p in images], out=out, model=str(model), **options))
+    pipeline.extract(extract_options([str(p) for p in images], out=out, model=str(model), **options))
     return out
 
 

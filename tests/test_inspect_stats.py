@@ -9,11 +9,12 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
+from conftest import extract_options
 from crafted import craft, with_reference_stats, without_stats
 
 from fmap_cli.analysis import layer_stats, scan_layer
 from fmap_cli.cli import cli
-from fmap_cli.extract import ExtractOptions, extract
+from fmap_cli.extract import extract
 from fmap_cli.summary import Details, read_summary
 
 
@@ -26,8 +27,8 @@ def invoke(*args: str, code: int = 0) -> Result:
 @pytest.fixture
 def extracted(tiny_model: Path, images: list[Path], tmp_path: Path) -> Path:
     out = tmp_path / "maps.h5"
-    options = ExtractOptions(
-        images=[str(p) for p in images],
+    options = extract_options(
+        [str(p) for p in images],
         out=out,
         model=str(tiny_model),
         layers=["conv1", "pool1", "conv2"],

@@ -13,12 +13,12 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SAMPLES, make_photo, tiny_weights
+from conftest import SAMPLES, extract_options, make_photo, tiny_weights
 from PIL import Image
 
 from fmap_cli.cli import cli
 from fmap_cli.errors import VerificationError
-from fmap_cli.extract import ExtractOptions, extract
+from fmap_cli.extract import extract
 from fmap_cli.spec import builtin_spec_path, geometry, load_spec
 from fmap_cli.verify import verify_pairs
 
@@ -84,7 +84,7 @@ def test_reference_conv_matches_a_hand_computed_value() -> None:
 
 def run(images: list[Path], out: Path, **kwargs) -> Path:
     kwargs.setdefault("device", "cpu")
-    extract(ExtractOptions(images=[str(p) for p in images], out=out, **kwargs))
+    extract(extract_options([str(p) for p in images], out=out, **kwargs))
     return out
 
 
@@ -321,7 +321,7 @@ def test_images_are_stacked_in_the_order_given(tiny_model: Path, five_images: li
 def test_verify_flag_passes_on_good_files(tiny_model: Path, images: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "v.h5"
     result = extract(
-        ExtractOptions(images=[str(p) for p in images], out=out, model=str(tiny_model), device="cpu", verify=True)
+        extract_options([str(p) for p in images], out=out, model=str(tiny_model), device="cpu", verify=True)
     )
     with h5py.File(out, "r") as f:
         expected = sum(f["layers"][n]["preactivation"].size for n in ("conv1", "conv2"))

@@ -14,10 +14,13 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SAMPLES, make_photo
+from conftest import SAMPLES, extract_options, make_photo
 
 from fmap_cli.cli import cli
-from fmap_cli.extract import ExtractOptions, extract
+from fmap_cli.errors import StoppedError
+from fmap_cli.extract import extract
+from fmap_cli.store import schema
+from fmap_cli.store.layout import create_dataset, set_attrs
 from fmap_cli.store.schema import SCHEMA, SCHEMA_VERSION, Attr
 
 MIB = 1 << 20
@@ -26,7 +29,7 @@ ALL_LAYERS = ["conv1", "pool1", "conv2"]
 
 def run(images: list[Path], out: Path, **kwargs) -> Path:
     kwargs.setdefault("device", "cpu")
-    extract(ExtractOptions(images=[str(p) for p in images], out=out, **kwargs))
+    extract(extract_options([str(p) for p in images], out=out, **kwargs))
     return out
 
 
@@ -96,6 +99,8 @@ def test_every_schema_node_and_attribute_is_present_with_its_dtype(which: str, r
                         assert (name in f) == (which == "full_file"), name
                     elif node.path.endswith("/activation"):
                         assert (name in f) == bool(layer_group.attrs["has_activation"]), name
+                    elif node.path.endswith("/preactivation"):  # absent only with --store a
+                        assert name in f, name
                     if name not in f:
                         continue
                 assert name in f, f"missing {name}"
@@ -112,7 +117,7 @@ def test_every_schema_node_and_attribute_is_present_with_its_dtype(which: str, r
                         assert h5py.check_string_dtype(obj.dtype) is not None, name
                         assert all(is_str(v) for v in obj.asstr()[...]), name
                     else:
-                        assert obj.dtype == np.dtype(node.dtype), (name, obj.dtype)
+                        assert obj.dtype in [np.dtype(t) for t in node.dtype.split("|")], (name, obj.dtype)
                 for attr in node.attrs:
                     if attr.name not in obj.attrs:
                         assert not attr.required, f"{name}: missing required attribute {attr.name}"
@@ -126,7 +131,7 @@ def test_root_attribute_values(full_file: Path, tiny_model: Path) -> None:
     with h5py.File(full_file, "r") as f:
         attrs = f.attrs
         assert attrs["complete"] == 1 and attrs["complete"].dtype == np.int8
-        assert attrs["fmap_schema_version"] == SCHEMA_VERSION == 1
+        assert attrs["fmap_schema_version"] == SCHEMA_VERSION == 2
         assert isinstance(attrs["fmap_schema_version"], np.integer)
         created = datetime.fromisoformat(attrs["created"])
         assert created.utcoffset() == timedelta(0)
@@ -284,6 +289,101 @@ def test_schema_command_lists_every_node_and_attribute() -> None:
         assert f"{node.path}  [" in text, node.path
         for attr in node.attrs:
             assert f"@{attr.name} (" in text, attr.name
+
+
+def test_schema_json_lists_every_node_with_types() -> None:
+    result = CliRunner().invoke(cli, ["schema", "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed["fmap_schema_version"] == SCHEMA_VERSION
+    assert printed["readable_versions"] == [1, 2]
+    assert [node["path"] for node in printed["nodes"]] == [node.path for node in SCHEMA]
+    by_path = {node["path"]: node for node in printed["nodes"]}
+    assert by_path["/layers/{layer}/stats/image_argmax"] == {
+        "path": "/layers/{layer}/stats/image_argmax",
+        "kind": "dataset",
+        "dtype": "int64",
+        "shape": "(N, C, 2)",
+        "required": True,
+        "description": "Per image and channel: (row, col) of image_max in the map (the first, row-major).",
+        "attributes": [],
+    }
+    storage = next(a for a in by_path["/"]["attributes"] if a["name"] == "storage")
+    assert storage["dtype"] == "str (JSON)" and storage["required"] is True
+
+
+# ---------------------------------------------------------------------------- the reverse contract
+
+
+def undocumented(path: Path) -> list[str]:
+    """Every group, dataset and attribute in ``path`` that the schema does not document."""
+    found: list[str] = []
+
+    def check(name: str, obj: h5py.HLObject) -> None:
+        where = "/" + name if name else "/"
+        try:
+            schema.node_for(where)
+        except schema.SchemaError:
+            found.append(where)
+            return
+        for key in obj.attrs:
+            if key in schema.HDF5_DIMENSION_ATTRS and isinstance(obj, h5py.Dataset):
+                continue
+            try:
+                schema.attr_for(where, key)
+            except schema.SchemaError:
+                found.append(f"{where}@{key}")
+
+    with h5py.File(path, "r") as f:
+        check("", f)
+        f.visititems(check)
+    return found
+
+
+def cli_ok(*args: str, code: int = 0) -> None:
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == code, result.output
+
+
+def test_every_written_node_and_attribute_is_documented(tiny_model: Path, images: list[Path], tmp_path: Path) -> None:
+    """Files from extract (all options that add nodes), --append, --resume, merge (copy and virtual)."""
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    paths = [str(p) for p in images]
+    model = ["--model", str(tiny_model), "--device", "cpu"]
+    made = {}
+    made["full"] = tmp_path / "full.h5"
+    cli_ok("extract", *paths, str(bad), *model, "--layers", "conv1,pool1,conv2", "--save-input", "--skip-bad",
+           "-o", str(made["full"]), code=1)  # fmt: skip
+    made["a_only"] = tmp_path / "a_only.h5"
+    cli_ok("extract", *paths, *model, "--store", "a", "--dtype", "float16", "-o", str(made["a_only"]))
+    made["appended"] = tmp_path / "appended.h5"
+    cli_ok("extract", paths[0], *model, "-o", str(made["appended"]))
+    cli_ok("extract", *paths[1:], *model, "-o", str(made["appended"]), "--append")
+    made["resumed"] = tmp_path / "resumed.h5"
+    with pytest.raises(StoppedError):  # stopped after its first batch: its temporary file is kept
+        extract(extract_options(paths, made["resumed"], model=str(tiny_model), device="cpu", batch_size=1),
+                stop_requested=iter([None, None, 15]).__next__)  # fmt: skip
+    cli_ok("extract", *paths, *model, "-b", "1", "-o", str(made["resumed"]), "--resume")
+    shards = [tmp_path / f"shard_{k}.h5" for k in range(2)]
+    for k, shard in enumerate(shards):
+        cli_ok("extract", *paths, *model, "--shard", f"{k}/2", "-o", str(shard))
+    made["merged"], made["virtual"] = tmp_path / "merged.h5", tmp_path / "virtual.h5"
+    cli_ok("merge", *map(str, shards), "-o", str(made["merged"]))
+    cli_ok("merge", *map(str, shards), "-o", str(made["virtual"]), "--virtual")
+    with h5py.File(made["resumed"], "r") as f:
+        assert int(f.attrs["n_images"]) == 3 and "append_base" not in f.attrs
+    for kind, path in {**made, "shard": shards[0]}.items():
+        assert undocumented(path) == [], kind
+
+
+def test_writing_an_undocumented_attribute_is_refused(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        with pytest.raises(schema.SchemaError, match=r"^attribute 'colour' of / is not in the fmap schema$"):
+            set_attrs(f, colour="blue")
+        with pytest.raises(schema.SchemaError, match=r"^/extra is not in the fmap schema$"):
+            create_dataset(f, "extra", data=[1])
+        assert list(f.attrs) == [] and list(f) == []
 
 
 # ---------------------------------------------------------------------------- a reader without fmap

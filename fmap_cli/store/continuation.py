@@ -15,10 +15,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import FmapError, FmapFileError, UsageError, first_line
 from ..images import Failure
 from . import schema
-from .writer import partial_files
+from .atomic import in_use, partial_files, writer_pid
 
 # What must match for maps to belong in one file, with the words used when one differs.
 FINGERPRINT = {
@@ -86,6 +86,11 @@ def find_resumable(
         log(f"--resume: no temporary file of an earlier run beside {out}; starting from the beginning")
         return None
     path = candidates[0]
+    if in_use(path):  # a run writing it now: never touch its file
+        pid = writer_pid(path)
+        raise FmapError(
+            f"--resume: {path} is being written by a running fmap (process {pid}); wait for it to finish or stop it"
+        )
     try:
         with h5py.File(path, "r") as f:
             theirs = file_fingerprint(f)
@@ -138,7 +143,15 @@ class Appendable:
     n_inputs: int  # positions of new images continue from here
     list_sha256: str
     complete: bool  # False: an earlier --append was interrupted; the file is rebuilt from its flushed images
+    input_lists: list[dict[str, Any]]  # the lists that added images before this append (see schema)
     handled: frozenset[int] = frozenset()  # positions in the new list that interrupted append handled
+
+    @property
+    def done_before(self) -> bool:
+        """This list already added its images to the file (a finished append run again)."""
+        return self.complete and any(entry.get("sha256") == self.new_sha256 for entry in self.input_lists)
+
+    new_sha256: str = ""  # the new list's own fingerprint
 
 
 def check_appendable(out: Path, ours: Mapping[str, str], list_sha256: str) -> Appendable:
@@ -151,28 +164,37 @@ def check_appendable(out: Path, ours: Mapping[str, str], list_sha256: str) -> Ap
     Raises:
         UsageError: missing, not fmap, made differently (names what differs), or incomplete for
             another reason.
+        FmapFileError: a damaged fmap file (an attribute or dataset missing or of the wrong type).
     """
     if not out.is_file():
-        raise UsageError(f"--append: {out} does not exist; run without --append to create it")
+        raise UsageError(f"--append: {out} does not exist or is not a regular file; run without --append to create it")
     try:
         with h5py.File(out, "r") as f:
             if "fmap_schema_version" not in f.attrs:
                 raise UsageError(f"--append: {out} is not an fmap file")
             if int(f.attrs["fmap_schema_version"]) != schema.SCHEMA_VERSION:
-                raise UsageError(f"--append: {out} has schema version {int(f.attrs['fmap_schema_version'])}")
+                raise UsageError(
+                    f"--append: {out} has schema version {int(f.attrs['fmap_schema_version'])}, this fmap "
+                    f"writes {schema.SCHEMA_VERSION}; write a new file instead"
+                )
             theirs = file_fingerprint(f)
             complete = int(f.attrs.get("complete", 0)) == 1
             base = json.loads(str(f.attrs["append_base"])) if "append_base" in f.attrs else None
             n_inputs = int(f.attrs["n_inputs"])
+            int(f.attrs["n_images"])
             list_hash = str(f.attrs["input_list_sha256"])
+            lists = json.loads(str(f.attrs["input_lists"])) if "input_lists" in f.attrs else None
             done = [*f["images/index"][...].tolist(), *(f["failures/index"][...].tolist() if "failures" in f else [])]
     except OSError:
         raise UsageError(f"--append: {out} is not a readable HDF5 file") from None
+    except (KeyError, ValueError, TypeError) as exc:
+        raise FmapFileError(f"--append: {out} is a damaged fmap file ({first_line(exc)})") from None
     differ = differences(theirs, ours)
     if differ:
         raise UsageError(f"--append: {out} differs from this run in: {'; '.join(differ)}; write a new file instead")
     if complete:
-        return Appendable(n_inputs, list_hash, True)
+        lists = lists if lists is not None else [{"sha256": list_hash, "n_inputs": n_inputs}]
+        return Appendable(n_inputs, list_hash, True, lists, new_sha256=list_sha256)
     if base is None:
         raise UsageError(f"--append: {out} is incomplete (complete=0); finish the run that wrote it with --resume")
     if appended_list_sha256(base["input_list_sha256"], list_sha256) != list_hash:
@@ -181,7 +203,8 @@ def check_appendable(out: Path, ours: Mapping[str, str], list_sha256: str) -> Ap
         )
     start = int(base["n_inputs"])
     handled = frozenset(i - start for i in done if i >= start)
-    return Appendable(start, base["input_list_sha256"], False, handled)
+    before = base.get("input_lists") or [{"sha256": base["input_list_sha256"], "n_inputs": start}]
+    return Appendable(start, base["input_list_sha256"], False, before, handled, new_sha256=list_sha256)
 
 
 def appended_list_sha256(previous: str, added: str) -> str:

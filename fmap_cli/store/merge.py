@@ -23,20 +23,21 @@ import h5py
 import numpy as np
 
 from .. import __version__
-from ..errors import FmapError, FmapFileError, UsageError, first_line
+from ..errors import FmapError, FmapFileError, StoppedError, UsageError, first_line
 from ..inputs import Shard
 from . import schema
+from .atomic import AtomicOutput, check_target
 from .chunks import copy_rows
 from .continuation import differences, file_fingerprint
+from .layout import set_attrs
 from .reader import open_fmap
 from .stats import SUMMARY, ChannelStats
-from .writer import STR, safe_text, temporary_path
 
 # Attributes the HDF5 dimension-scale API owns (they hold references into their own file).
-DIMENSION_ATTRS = frozenset({"CLASS", "NAME", "REFERENCE_LIST", "DIMENSION_LIST", "DIMENSION_LABELS"})
+DIMENSION_ATTRS = frozenset(schema.HDF5_DIMENSION_ATTRS)
 # Root attributes that describe one run rather than the merged file; set afresh.
 RUN_ATTRS = frozenset({"shard_index", "shard_count", "complete", "n_images", "created", "command", "fmap_version"})
-FAILURES = "failures"
+FAILURES = schema.FAILURES
 BLOCK_BYTES = 64 << 20  # rows of small datasets read at a time
 
 
@@ -79,6 +80,7 @@ def merge_shards(
     allow_missing: bool = False,
     command: str = "",
     log: Callable[[str], None] = lambda message: None,
+    stop_requested: Callable[[], int | None] = lambda: None,
 ) -> MergeResult:
     """Merge shard files into ``out``, images in input order; nothing is left at ``out`` on error.
 
@@ -90,6 +92,7 @@ def merge_shards(
         allow_missing: merge the shards given even if some shares of the input list are missing.
         command: the command line, recorded in the file.
         log: receives messages for the user.
+        stop_requested: polled between datasets; a signal number stops the merge (nothing is left).
 
     Raises:
         UsageError: shards of different jobs, duplicates, missing shares, or a bad output path.
@@ -102,8 +105,8 @@ def merge_shards(
         raise UsageError(f"missing {'; '.join(missing)}; pass --allow-missing to merge the shards given")
     for share in missing:
         log(f"warning: missing {share}: its images are not in {out}")
-    _check_output(out, overwrite, [s.path for s in shards])
-    raw_bytes = _write(shards, out, virtual, command)
+    check_target(out, overwrite, [s.path for s in shards])
+    raw_bytes = _write(shards, out, virtual, overwrite, command, stop_requested)
     n_images = sum(s.n_images for s in shards)
     return MergeResult(out, n_images, [s.path for s in shards], missing, raw_bytes, time.perf_counter() - started)
 
@@ -174,55 +177,65 @@ def missing_shares(shards: Sequence[ShardFile]) -> list[str]:
     return [m.describe() for m in missing if m.shard.index not in given and len(m.share())]
 
 
-def _check_output(out: Path, overwrite: bool, sources: Sequence[Path]) -> None:
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out}: already exists; pass --overwrite to replace it")
-    if out.is_dir():
-        raise UsageError(f"-o {out}: is a directory; give a file name")
-    if not out.parent.is_dir():
-        raise UsageError(f"-o {out}: directory {out.parent} does not exist")
-    if any(p.resolve() == out.resolve() for p in sources):
-        raise UsageError(f"-o {out}: is also one of the shards; choose another output name")
-
-
 # ----------------------------------------------------------------------------- writing
-def _write(shards: Sequence[ShardFile], out: Path, virtual: bool, command: str) -> int:
-    """Build the merged file under a temporary name and rename it onto ``out``; returns raw bytes copied."""
-    tmp = temporary_path(out)
-    try:
-        with ExitStack() as stack:
-            sources = [stack.enter_context(h5py.File(s.path, "r")) for s in shards]
-            f = stack.enter_context(h5py.File(tmp, "w"))
-            _root_attrs(f, sources, shards, command)
-            if virtual:
-                f.attrs["virtual"] = np.int8(1)
-            copied = _Merger(f, sources, shards, out, virtual).run()
-            f.attrs["complete"] = np.int8(1)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        tmp.replace(out)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
+def _write(
+    shards: Sequence[ShardFile],
+    out: Path,
+    virtual: bool,
+    overwrite: bool,
+    command: str,
+    stop_requested: Callable[[], int | None],
+) -> int:
+    """Build the merged file under a temporary name and publish it as ``out``; returns raw bytes copied."""
+    with AtomicOutput(out, overwrite) as output:
+        try:
+            with ExitStack() as stack:
+                sources = [stack.enter_context(h5py.File(s.path, "r")) for s in shards]
+                f = stack.enter_context(h5py.File(output.path, "w", locking=False))  # AtomicOutput locks it
+                _root_attrs(f, sources, shards, command)
+                if virtual:
+                    set_attrs(f, virtual=1)
+                copied = _Merger(f, sources, shards, out, virtual, stop_requested).run()
+                set_attrs(f, complete=1)
+        except OSError as exc:
             raise FmapError(f"{out}: cannot write merged file: {exc.strerror or first_line(exc)}") from None
-        if isinstance(exc, KeyError | ValueError):  # a shard lacks or shapes a node unlike the first
+        except (KeyError, ValueError) as exc:  # a shard lacks or shapes a node unlike the first
             raise FmapFileError(f"{out}: shards differ in layout: {first_line(exc)}") from None
-        raise
+        output.publish()
     return copied
 
 
 def _root_attrs(f: h5py.File, sources: Sequence[h5py.File], shards: Sequence[ShardFile], command: str) -> None:
     first = sources[0]
-    f.attrs["complete"] = np.int8(0)
+    _check_documented("", first)
     _copy_attrs(first, f, RUN_ATTRS)
-    f.attrs["fmap_version"] = __version__
-    f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    f.attrs["command"] = safe_text(command)
-    f.attrs["n_images"] = np.int64(sum(s.n_images for s in shards))
-    for key in ("device", "torch_version"):  # may differ between shards (e.g. some ran on GPUs)
-        values = dict.fromkeys(str(src.attrs.get(key, "?")) for src in sources)
-        f.attrs[key] = ", ".join(values)
-    f.attrs["merged_from"] = np.array([safe_text(str(s.path)) for s in shards], dtype=STR)
+    devices, versions = ({str(src.attrs.get(key, "?")): None for src in sources} for key in ("device", "torch_version"))
+    set_attrs(
+        f,
+        complete=0,
+        fmap_version=__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        command=command,
+        n_images=sum(s.n_images for s in shards),
+        device=", ".join(devices),  # may differ between shards (e.g. some ran on GPUs)
+        torch_version=", ".join(versions),
+        merged_from=[str(s.path) for s in shards],
+    )
+
+
+def _check_documented(name: str, obj: h5py.HLObject) -> None:
+    """Merge copies the shards' tree: only what the schema documents may pass into the merged file.
+
+    Raises:
+        FmapFileError: a node or attribute the schema does not document.
+    """
+    try:
+        schema.node_for(f"/{name}")
+        for key in obj.attrs:
+            if key not in DIMENSION_ATTRS:
+                schema.attr_for(f"/{name}", key)
+    except schema.SchemaError as exc:
+        raise FmapFileError(f"{obj.file.filename}: not a file fmap wrote: {exc}") from None
 
 
 def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject, skip: frozenset[str] = frozenset()) -> None:
@@ -241,6 +254,7 @@ class _Merger:
     shards: Sequence[ShardFile]
     out: Path
     virtual: bool
+    stop_requested: Callable[[], int | None]
     copied: int = 0  # raw chunk bytes
     _pools: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)
 
@@ -253,6 +267,10 @@ class _Merger:
         self.sources[0].visititems(lambda name, obj: nodes.append((name, obj)))
         nodes = [(n, obj) for n, obj in nodes if n != FAILURES and not n.startswith(f"{FAILURES}/")]
         for name, obj in nodes:
+            _check_documented(name, obj)
+            signum = self.stop_requested()
+            if signum is not None:
+                raise StoppedError(signum, "no output written")
             if isinstance(obj, h5py.Group):
                 _copy_attrs(obj, self.f.require_group(name))
             elif name == "N":

@@ -1,16 +1,23 @@
-"""The fmap HDF5 schema, version 1: defined once, as data, for the writer, the readers and the docs.
+"""The fmap HDF5 schema: defined once, as data, for the writer, the readers and the docs.
 
-Everything here is plain data (no h5py, no torch). ``writer.py`` creates exactly these nodes and
-attributes, ``summary.py`` reads them by these names, ``fmap schema`` prints :func:`render`, and
-the README's schema section is that output (a test keeps them equal).
+Everything here is plain data (no h5py, no torch). The writer (``layout.py``) can only create the
+nodes and attributes listed here (:func:`node_for` refuses others), the readers use these names,
+``fmap schema`` prints :func:`render` (``--json``: :func:`to_json`), and the README's schema
+section is that output (tests keep them equal, and check that every node and attribute of files
+written by every command is documented here).
 """
 
 from __future__ import annotations
 
+import re
 import textwrap
 from dataclasses import dataclass, field
+from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions the readers handle: version 1 lacks the per-channel 'negatives' statistics and the
+# 'storage' and 'input_lists' attributes; readers treat them as absent.
+READABLE_VERSIONS = (1, 2)
 
 # Names used by the writer and the readers; change them only with SCHEMA_VERSION.
 PREACTIVATION = "preactivation"
@@ -19,7 +26,15 @@ LAYERS = "layers"
 IMAGES = "images"
 INPUT = "input"
 STATS = "stats"
+FAILURES = "failures"
 DIM_NAMES = ("N", "C", "H", "W")
+# Per image and channel statistics (N, C) of a (of z when there is no a), and where the max is.
+IMAGE_STATS = ("image_max", "image_mean", "image_zero_fraction")
+IMAGE_ARGMAX = "image_argmax"
+# Per channel statistics over every image, stored per role as <role>_<name>, (C,).
+CHANNEL_STATS = ("min", "max", "mean", "std", "negatives")
+# Attributes HDF5's dimension-scale API writes on scales and on the datasets they are attached to.
+HDF5_DIMENSION_ATTRS = ("CLASS", "NAME", "REFERENCE_LIST", "DIMENSION_LIST", "DIMENSION_LABELS")
 
 GLOSSARY = (
     "For a layer with input x: the pre-activation z = w * x + b is the layer's linear output, before "
@@ -104,6 +119,7 @@ class Node:
 
 
 MAP_DIMS = "(N, C, H, W)"
+MAP_DTYPE = "float32|float16"  # --dtype
 
 SCHEMA: tuple[Node, ...] = (
     Node(
@@ -137,8 +153,20 @@ SCHEMA: tuple[Node, ...] = (
             Attr("layers", "str[]", "Names of the stored layers, in forward order."),
             Attr("glossary", "str", "Human-readable definitions of z, a and 'feature map'."),
             Attr("pairing_rule", "str", "How each layer's z and a were chosen (the rule, in words)."),
+            Attr(
+                "storage",
+                "str (JSON)",
+                "How maps are stored: dtype, roles kept, codec per role ([filter, gzip level]); --append "
+                "and merge require it to match.",
+            ),
             Attr("input_list_sha256", "str", "SHA-256 of the whole input list (before sharding), one path a line."),
             Attr("n_inputs", "int64", "Length of that whole input list."),
+            Attr(
+                "input_lists",
+                "str (JSON)",
+                "Every input list that added images, in order: the first run's and each --append's, as "
+                '[{"sha256": ..., "n_inputs": ...}]; an --append of a list already here adds nothing.',
+            ),
             Attr("shard_index", "int64", "K of --shard K/N (0-based); absent when not sharded.", False),
             Attr("shard_count", "int64", "N of --shard K/N; absent when not sharded.", False),
             Attr("merged_from", "str[]", "The shard files `fmap merge` combined (merged files only).", False),
@@ -185,13 +213,10 @@ SCHEMA: tuple[Node, ...] = (
         "int64",
         "(N,)",
     ),
-    Node(
-        "/failures",
-        "group",
-        "Images skipped with --skip-bad: datasets index (int64, position in the input list), path (str) "
-        "and reason (str), one entry per failed image.",
-        required=False,
-    ),
+    Node(f"/{FAILURES}", "group", "Images skipped with --skip-bad, one entry each, in input order.", required=False),
+    Node(f"/{FAILURES}/index", "dataset", "Position of the image in the input list.", "int64", "(F,)", required=False),
+    Node(f"/{FAILURES}/path", "dataset", "The image's path as given.", "str", "(F,)", required=False),
+    Node(f"/{FAILURES}/reason", "dataset", "Why it could not be used (one line).", "str", "(F,)", required=False),
     Node(
         f"/{INPUT}",
         "dataset",
@@ -204,7 +229,7 @@ SCHEMA: tuple[Node, ...] = (
     Node(
         f"/{LAYERS}/{{layer}}",
         "group",
-        "One layer. Also holds its dimension scales C, H, W (int64 indices).",
+        "One layer: what it is, where its input came from, how z and a were paired, its receptive field.",
         attrs=(
             Attr("type", "str", "Layer type (conv2d, maxpool2d, linear, ...)."),
             Attr("hyperparameters", "str (JSON)", "The layer's hyper-parameters (kernel_size, stride, ...)."),
@@ -241,12 +266,24 @@ SCHEMA: tuple[Node, ...] = (
             Attr("channel_descriptions", "str[]", "What each channel responds to (built-in models).", False),
         ),
     ),
+    *(
+        Node(
+            f"/{LAYERS}/{{layer}}/{dim}",
+            "dataset",
+            f"Dimension scale {dim} of the layer's maps: 0..{dim}-1"
+            + ("." if dim == "C" else " (absent for flat (N, C) maps)."),
+            "int64",
+            f"({dim},)",
+            required=dim == "C",
+        )
+        for dim in DIM_NAMES[1:]
+    ),
     Node(
         f"/{LAYERS}/{{layer}}/{PREACTIVATION}",
         "dataset",
-        "z: the layer's linear output before its nonlinearity. Uncompressed by default. "
-        "Dimension scales N, C, H, W attached (DIMENSION_LIST, DIMENSION_LABELS).",
-        "float32",
+        "z: the layer's linear output before its nonlinearity. Uncompressed by default. Absent with "
+        "--store a. Dimension scales N, C, H, W attached (DIMENSION_LIST, DIMENSION_LABELS).",
+        MAP_DTYPE,
         MAP_DIMS,
         attrs=(
             Attr("role", "str", f"'{PREACTIVATION}'."),
@@ -254,13 +291,14 @@ SCHEMA: tuple[Node, ...] = (
             Attr("long_name", "str", "Short label for plotting tools (xarray, netCDF)."),
             Attr("description", "str", "One sentence saying what this dataset is."),
         ),
+        required=False,
     ),
     Node(
         f"/{LAYERS}/{{layer}}/{ACTIVATION}",
         "dataset",
         "a = f(z): the feature map. gzip level 1 (no shuffle) by default. Absent when the layer has "
-        "no nonlinearity. Dimension scales N, C, H, W attached.",
-        "float32",
+        "no nonlinearity, or with --store z. Dimension scales N, C, H, W attached.",
+        MAP_DTYPE,
         MAP_DIMS,
         attrs=(
             Attr("role", "str", f"'{ACTIVATION}'."),
@@ -275,21 +313,116 @@ SCHEMA: tuple[Node, ...] = (
     Node(
         f"/{LAYERS}/{{layer}}/{STATS}",
         "group",
-        "Statistics computed while writing, so readers need not scan the maps. Per image and channel "
-        "(N, C): image_max, image_mean and image_zero_fraction of a (of z when there is no a; attribute "
-        "'role' says which), and image_argmax (N, C, 2) int64, the (row, col) of image_max in the map. Per "
-        "channel over every image (C,), float64: preactivation_min/max/mean/std/negatives and, with a, "
-        "activation_min/max/mean/std/negatives (negatives: the fraction of values below zero).",
+        "Statistics computed while writing, so readers need not scan the maps (files of schema version 1 "
+        "may lack them: readers then scan the maps).",
         attrs=(Attr("role", "str", "Which map the per-image statistics describe ('activation' or 'preactivation')."),),
-        required=False,
+    ),
+    *(
+        Node(
+            f"/{LAYERS}/{{layer}}/{STATS}/{name}",
+            "dataset",
+            f"Per image and channel: the {words} of the map named by the group's 'role' (a, else z).",
+            "float32",
+            "(N, C)",
+        )
+        for name, words in zip(IMAGE_STATS, ("maximum", "mean", "fraction of zeros"), strict=True)
+    ),
+    Node(
+        f"/{LAYERS}/{{layer}}/{STATS}/{IMAGE_ARGMAX}",
+        "dataset",
+        "Per image and channel: (row, col) of image_max in the map (the first, row-major).",
+        "int64",
+        "(N, C, 2)",
+    ),
+    *(
+        Node(
+            f"/{LAYERS}/{{layer}}/{STATS}/{role}_{name}",
+            "dataset",
+            f"Per channel, over every value of every image: {words} of {symbol}"
+            + ("" if role == PREACTIVATION else " (absent without a nonlinearity)")
+            + ("" if name != "negatives" else "; absent in schema version 1")
+            + ".",
+            "float64",
+            "(C,)",
+            required=role == PREACTIVATION and name != "negatives",
+        )
+        for role, symbol in ((PREACTIVATION, "z"), (ACTIVATION, "a"))
+        for name, words in zip(
+            CHANNEL_STATS,
+            ("the minimum", "the maximum", "the mean", "the standard deviation (population)", "the fraction below 0"),
+            strict=True,
+        )
     ),
 )
+
+
+class SchemaError(Exception):
+    """fmap tried to write a node or attribute the schema does not document (a bug, never the user's)."""
+
+
+def _pattern(path: str) -> re.Pattern[str]:
+    return re.compile(re.escape(path).replace(re.escape("{layer}"), "[^/]+"))
+
+
+_PATTERNS = tuple((_pattern(node.path), node) for node in SCHEMA)
+
+
+def node_for(path: str) -> Node:
+    """The schema entry of a concrete HDF5 path (``{layer}`` matches any layer name).
+
+    Raises:
+        SchemaError: the path is not documented.
+    """
+    for pattern, node in _PATTERNS:
+        if pattern.fullmatch(path):
+            return node
+    raise SchemaError(f"{path} is not in the fmap schema")
+
+
+def attr_for(path: str, name: str) -> Attr:
+    """The schema entry of attribute ``name`` of the node at ``path``.
+
+    Raises:
+        SchemaError: the node or the attribute is not documented.
+    """
+    for attr in node_for(path).attrs:
+        if attr.name == name:
+            return attr
+    raise SchemaError(f"attribute {name!r} of {path} is not in the fmap schema")
+
+
+def to_json() -> dict[str, Any]:
+    """The schema for other tools (what ``fmap schema --json`` prints)."""
+    return {
+        "fmap_schema_version": SCHEMA_VERSION,
+        "readable_versions": list(READABLE_VERSIONS),
+        "glossary": GLOSSARY,
+        "pairing_rule": PAIRING_RULE,
+        "hdf5_dimension_attributes": list(HDF5_DIMENSION_ATTRS),
+        "nodes": [
+            {
+                "path": node.path,
+                "kind": node.kind,
+                "dtype": node.dtype or None,
+                "shape": node.shape or None,
+                "required": node.required,
+                "description": node.description,
+                "attributes": [
+                    {"name": a.name, "dtype": a.dtype, "required": a.required, "description": a.description}
+                    for a in node.attrs
+                ],
+            }
+            for node in SCHEMA
+        ],
+    }
 
 
 def render() -> str:
     """The schema as plain-text documentation (what ``fmap schema`` prints)."""
     lines = [f"fmap HDF5 schema, version {SCHEMA_VERSION}", "", *textwrap.wrap(GLOSSARY, 100), ""]
     lines += [*textwrap.wrap(PAIRING_RULE, 100), ""]
+    dims = ", ".join(HDF5_DIMENSION_ATTRS)
+    lines += [*textwrap.wrap(f"Dimension scales are HDF5's own: they carry the attributes {dims}.", 100), ""]
     for node in SCHEMA:
         kind = node.kind if not node.dtype else f"{node.dtype} {node.shape}"
         optional = "" if node.required else ", optional"

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SUMMARY = ("min", "max", "mean", "std", "negatives")  # stored per role as <role>_<name>, (C,)
+from .schema import CHANNEL_STATS
+
+SUMMARY = CHANNEL_STATS  # stored per role as <role>_<name>, (C,)
 
 
 @dataclass

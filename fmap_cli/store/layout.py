@@ -1,0 +1,280 @@
+"""The layout of a new fmap file, built from the schema: every group, dataset and attribute is
+created through :func:`set_attrs` / :func:`create_dataset`, which refuse anything ``schema.py``
+does not document and store each attribute with the type the schema gives. h5py and numpy only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .. import __version__
+from . import schema
+from .chunks import chunk_shape
+
+STR = h5py.string_dtype("utf-8")
+ROW_CHUNK_BYTES = 64 << 10  # chunks of the small datasets along N (records, statistics): at most 64 KiB
+
+Codec = tuple[str | None, int]  # (h5py filter "gzip" / "lzf" / None, gzip level)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How maps are stored: a codec per role, the dtype, and which roles are kept.
+
+    Defaults from ../shared/HDF5-NOTES.md: sparse a compresses 2-3.5x with gzip level 1 (shuffle
+    hurts it); dense z gains under 1.2x for about 20x the write time, so it is stored raw.
+    """
+
+    preactivation: Codec = (None, 0)
+    activation: Codec = ("gzip", 1)
+    dtype: str = "float32"  # or "float16"
+    roles: frozenset[str] = frozenset({schema.PREACTIVATION, schema.ACTIVATION})
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able, recorded in the file and compared by --append."""
+        return {
+            "dtype": self.dtype,
+            "roles": sorted(self.roles),
+            "preactivation": list(self.preactivation),
+            "activation": list(self.activation),
+        }
+
+    def stores(self, layer: LayerRecord, role: str) -> bool:
+        """Whether ``layer``'s map ``role`` gets a dataset."""
+        return role in self.roles and (role == schema.PREACTIVATION or layer.has_activation)
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """What the file says about one layer besides its maps."""
+
+    name: str
+    type: str
+    hyperparameters: dict[str, Any]
+    input: str  # nearest upstream stored dataset, or "input" (the image tensor)
+    input_via: str  # layers applied between that dataset and this layer, "a -> b"; "" if none
+    nonlinearity: str  # "none" when the layer has no nonlinearity
+    nonlinearity_params: dict[str, Any]  # e.g. {"negative_slope": 0.1}
+    path_to_activation: str  # what lies between z and a, e.g. "bn1 -> add(+maxpool) -> relu"
+    a_is_f_of_z: bool  # nothing but f lies between z and a
+    output_shape: tuple[int, ...]  # per image: (C, H, W) or (C,)
+    receptive_field: tuple[int, int]
+    receptive_field_stride: tuple[int, int]
+    receptive_field_start: tuple[float, float]
+    channel_descriptions: tuple[str, ...] = ()
+
+    @property
+    def has_activation(self) -> bool:
+        return self.nonlinearity != "none"
+
+    @property
+    def roles(self) -> list[str]:
+        """The maps this layer has: z, and a when a nonlinearity follows."""
+        return [schema.PREACTIVATION, schema.ACTIVATION] if self.has_activation else [schema.PREACTIVATION]
+
+
+def safe_text(value: str) -> str:
+    """Text as valid UTF-8: undecodable bytes from file names or argv (surrogate escapes) become
+    backslash escapes, so h5py can store them and every reader can show them."""
+    return os.fsencode(value).decode("utf-8", "backslashreplace")
+
+
+def encode(dtype: str, value: Any) -> Any:
+    """``value`` as the HDF5 type the schema gives for an attribute (``int8``, ``str (JSON)``, ...)."""
+    base = dtype.split(" ")[0].split("[")[0]
+    if dtype.startswith("str") and "[" in dtype:
+        return np.array([safe_text(str(v)) for v in value], dtype=STR)
+    if dtype == "str (JSON)" and not isinstance(value, str):
+        return json.dumps(value, ensure_ascii=True)
+    if base == "str":
+        return safe_text(str(value))
+    if "[" in dtype:
+        return np.asarray(value, dtype=base)
+    return np.dtype(base).type(value)
+
+
+def encode_root(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Root attributes as they are stored (for comparing a run with a file)."""
+    return {name: encode(schema.attr_for("/", name).dtype, value) for name, value in attrs.items()}
+
+
+def set_attrs(obj: h5py.HLObject, **values: Any) -> None:
+    """Set attributes of ``obj``, each documented by the schema and stored as its type.
+
+    Raises:
+        schema.SchemaError: an attribute the schema does not document for this node.
+    """
+    for name, value in values.items():
+        obj.attrs[name] = encode(schema.attr_for(obj.name, name).dtype, value)
+
+
+def create_dataset(parent: h5py.Group, name: str, **options: Any) -> h5py.Dataset:
+    """``parent.create_dataset(name, **options)`` for a dataset the schema documents."""
+    schema.node_for(f"{parent.name.rstrip('/')}/{name}")
+    return parent.create_dataset(name, **options)
+
+
+def create_group(parent: h5py.Group, name: str) -> h5py.Group:
+    """``parent.create_group(name)`` for a group the schema documents."""
+    schema.node_for(f"{parent.name.rstrip('/')}/{name}")
+    return parent.create_group(name)
+
+
+def growing(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:
+    """A dataset along N (resizable, on the N scale) with rows of ``shape``.
+
+    Chunks hold as many rows as fit in ROW_CHUNK_BYTES (at least one): HDF5 allocates a whole
+    chunk on the first write, so a chunk of many rows of a wide layer would make a one-image file
+    megabytes bigger than its maps.
+    """
+    row_bytes = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
+    rows = max(1, min(1024, ROW_CHUNK_BYTES // max(1, row_bytes)))
+    ds = create_dataset(group, name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(rows, *shape))
+    ds.dims[0].attach_scale(group.file["N"])
+    ds.dims[0].label = "N"
+    return ds
+
+
+def create_layout(
+    f: h5py.File,
+    layers: Sequence[LayerRecord],
+    attrs: Mapping[str, Any],
+    input_shape: tuple[int, int, int] | None,
+    storage: Storage,
+) -> None:
+    """Create every node of an empty fmap file (no images yet; ``complete`` = 0).
+
+    Args:
+        f: a new, empty file open for writing.
+        layers: the stored layers, in forward order.
+        attrs: root attributes from the caller (model, versions, preprocessing, input list, ...).
+        input_shape: (3, H, W) to store the input tensor as /input, else None.
+        storage: dtype, codecs and roles.
+    """
+    set_attrs(
+        f,
+        fmap_schema_version=schema.SCHEMA_VERSION,
+        complete=0,
+        fmap_version=__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        n_images=0,
+        layers=[layer.name for layer in layers],
+        glossary=schema.GLOSSARY,
+        pairing_rule=schema.PAIRING_RULE,
+        storage=storage.describe(),
+    )
+    set_attrs(f, **attrs)
+    n_scale = create_dataset(f, "N", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(ROW_CHUNK_BYTES // 8,))
+    n_scale.make_scale("N")
+    images = create_group(f, schema.IMAGES)
+    for name, dtype, shape in (("path", STR, ()), ("sha256", STR, ()), ("original_size", np.int64, (2,)),
+                               ("index", np.int64, ())):  # fmt: skip
+        growing(images, name, shape, dtype)
+    if input_shape is not None:
+        _create_scales(f, input_shape)
+        _create_map(f, schema.INPUT, input_shape, (None, 0), np.dtype(np.float32))
+    group = create_group(f, schema.LAYERS)
+    for layer in layers:
+        _create_layer(group, layer, storage)
+
+
+def _create_layer(parent: h5py.Group, layer: LayerRecord, storage: Storage) -> None:
+    group = create_group(parent, layer.name)
+    set_attrs(
+        group,
+        type=layer.type,
+        hyperparameters=layer.hyperparameters,
+        input=layer.input,
+        input_via=layer.input_via,
+        nonlinearity=layer.nonlinearity,
+        has_activation=storage.stores(layer, schema.ACTIVATION),
+        nonlinearity_params=layer.nonlinearity_params,
+        path_to_activation=layer.path_to_activation,
+        a_is_f_of_z=layer.a_is_f_of_z,
+        output_shape=layer.output_shape,
+        receptive_field=layer.receptive_field,
+        receptive_field_stride=layer.receptive_field_stride,
+        receptive_field_start=layer.receptive_field_start,
+    )
+    if not layer.has_activation:
+        set_attrs(group, note=schema.NO_ACTIVATION_NOTE)
+    if layer.channel_descriptions:
+        set_attrs(group, channel_descriptions=layer.channel_descriptions)
+    _create_scales(group, layer.output_shape)
+    dtype = np.dtype(storage.dtype)
+    if storage.stores(layer, schema.PREACTIVATION):
+        z = _create_map(group, schema.PREACTIVATION, layer.output_shape, storage.preactivation, dtype)
+        set_attrs(
+            z,
+            role=schema.PREACTIVATION,
+            symbol="z",
+            long_name=schema.preactivation_long_name(layer.name, layer.nonlinearity),
+            description=schema.preactivation_description(layer.name, layer.type, layer.nonlinearity),
+        )
+    if storage.stores(layer, schema.ACTIVATION):
+        a = _create_map(group, schema.ACTIVATION, layer.output_shape, storage.activation, dtype)
+        set_attrs(
+            a,
+            role=schema.ACTIVATION,
+            symbol="a",
+            nonlinearity=layer.nonlinearity,
+            also_known_as=schema.also_known_as(layer.nonlinearity),
+            long_name=f"activation a = {layer.nonlinearity}(z) of {layer.name}",
+            description=schema.activation_description(layer.name, layer.nonlinearity),
+        )
+    stats = create_group(group, schema.STATS)
+    set_attrs(stats, role=schema.ACTIVATION if layer.has_activation else schema.PREACTIVATION)
+    channels = layer.output_shape[0]
+    for name in schema.IMAGE_STATS:
+        growing(stats, name, (channels,), np.float32)
+    growing(stats, schema.IMAGE_ARGMAX, (channels, 2), np.int64)
+
+
+def _create_map(
+    group: h5py.Group, name: str, shape: tuple[int, ...], codec: Codec, dtype: np.dtype[Any]
+) -> h5py.Dataset:
+    options: dict[str, Any] = {}
+    if codec[0] is not None:
+        options["compression"] = codec[0]
+        if codec[0] == "gzip":
+            options["compression_opts"] = codec[1]
+    ds = create_dataset(
+        group,
+        name,
+        shape=(0, *shape),
+        maxshape=(None, *shape),
+        dtype=dtype,
+        chunks=chunk_shape(shape, dtype.itemsize),
+        fillvalue=np.nan,
+        **options,
+    )
+    ds.dims[0].attach_scale(group.file["N"])
+    for axis, dim in enumerate(schema.DIM_NAMES[: len(shape) + 1]):
+        ds.dims[axis].label = dim
+        if axis > 0:
+            ds.dims[axis].attach_scale(group[dim])
+    return ds
+
+
+def _create_scales(group: h5py.Group, shape: tuple[int, ...]) -> None:
+    """Index datasets C, H, W (as many as ``shape`` has) in ``group``, made dimension scales."""
+    for dim, length in zip(schema.DIM_NAMES[1:], shape, strict=False):
+        create_dataset(group, dim, data=np.arange(length, dtype=np.int64)).make_scale(dim)
+
+
+def write_channel_stats(stats: h5py.Group, role: str, summary: Mapping[str, np.ndarray]) -> None:
+    """Store (or update) one role's per-channel statistics ``<role>_<name>`` in a stats group."""
+    for name, values in summary.items():
+        key = f"{role}_{name}"
+        if key in stats:
+            stats[key][...] = values
+        else:
+            create_dataset(stats, key, data=np.asarray(values, dtype=np.float64))

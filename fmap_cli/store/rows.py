@@ -1,0 +1,213 @@
+"""Appending rows to an open fmap file: a batch's image records, maps and statistics, failure
+records, and the rows copied from another file when a run is seeded. h5py and numpy only.
+
+Map chunks are compressed in a thread pool (zlib lets go of the GIL) and written as stored bytes;
+per-image statistics are computed in the same pool while this thread writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ..errors import FmapError
+from . import schema
+from .chunks import COMPRESSORS, copy_rows, write_rows
+from .layout import STR, LayerRecord, Storage, create_dataset, create_group, safe_text, write_channel_stats
+from .stats import ChannelStats, image_stats
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+Failure = tuple[int, str, str]  # (position in the input list, path, reason)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch for the writer: image records and every layer's maps (float32, on the host)."""
+
+    paths: Sequence[str]
+    original_sizes: np.ndarray  # (N, 2)
+    sha256: Sequence[str]
+    indices: Sequence[int]  # positions in the whole input list
+    maps: Mapping[str, tuple[np.ndarray | None, np.ndarray | None]]  # layer -> (z, a)
+    pixels: np.ndarray | None = None  # (N, 3, H, W), stored only with /input
+
+
+class RowWriter:
+    """Appends rows to an open fmap file and keeps its running per-channel statistics.
+
+    Args:
+        f: the file, open for writing, with its layout already created.
+        layers: its stored layers.
+        storage: how maps are stored.
+        n_images: rows already in the file.
+        stats: running statistics per (layer, role) of those rows.
+    """
+
+    def __init__(
+        self,
+        f: h5py.File,
+        layers: Sequence[LayerRecord],
+        storage: Storage,
+        n_images: int = 0,
+        stats: dict[tuple[str, str], ChannelStats] | None = None,
+    ) -> None:
+        self.f = f
+        self.layers = list(layers)
+        self.storage = storage
+        self.n_images = n_images
+        self.stats = stats or {
+            (layer.name, role): ChannelStats.empty(layer.output_shape[0]) for layer in layers for role in layer.roles
+        }
+        self._pool = ThreadPoolExecutor(COMPRESSORS, thread_name_prefix="fmap-gzip")
+
+    def close(self) -> None:
+        """Stop the compression threads (the file stays open)."""
+        self._pool.shutdown(wait=True)
+
+    def append(self, batch: Batch) -> None:
+        """Append one batch: image records, maps of every layer, their statistics, and /input;
+        then flush, so a killed run leaves a readable file holding every finished batch."""
+        f = self.f
+        start = self.n_images
+        stop = start + len(batch.paths)
+
+        def put(ds: h5py.Dataset, values: Any) -> None:
+            ds.resize(stop, axis=0)
+            ds[start:stop] = values
+
+        put(f["N"], np.arange(start, stop, dtype=np.int64))
+        put(f["images/path"], [safe_text(p) for p in batch.paths])
+        put(f["images/sha256"], list(batch.sha256))
+        put(f["images/original_size"], batch.original_sizes)
+        put(f["images/index"], np.asarray(batch.indices, dtype=np.int64))
+        if schema.INPUT in f and batch.pixels is not None:
+            put(f[schema.INPUT], batch.pixels)
+        # each task owns one layer's running statistics
+        pending = {layer.name: self._pool.submit(self._layer_stats, layer, batch) for layer in self.layers}
+        for layer in self.layers:
+            group = f[schema.LAYERS][layer.name]
+            for role, values in zip((schema.PREACTIVATION, schema.ACTIVATION), batch.maps[layer.name], strict=True):
+                if values is not None and self.storage.stores(layer, role):
+                    ds = group[role]
+                    ds.resize(stop, axis=0)
+                    write_rows(ds, start, self._cast(layer.name, values), self._pool)
+        for layer in self.layers:
+            stats = f[schema.LAYERS][layer.name][schema.STATS]
+            for name, values in pending[layer.name].result().items():
+                put(stats[name], values)
+            self._write_channel_stats(layer)
+        self.n_images = stop
+        f.attrs["n_images"] = np.int64(stop)
+        f.flush()
+
+    def _layer_stats(self, layer: LayerRecord, batch: Batch) -> dict[str, np.ndarray]:
+        """Update one layer's running per-channel statistics; return its per-image ones."""
+        z, a = batch.maps[layer.name]
+        for role, values in ((schema.PREACTIVATION, z), (schema.ACTIVATION, a)):
+            if values is not None and role in layer.roles:
+                self.stats[(layer.name, role)].update(values)
+        described = a if layer.has_activation else z
+        assert described is not None, "capture returns the map the statistics describe"
+        return image_stats(described)
+
+    def _cast(self, layer: str, values: np.ndarray) -> np.ndarray:
+        if self.storage.dtype != "float16":
+            return values
+        peak = float(np.max(np.abs(values), initial=0.0))
+        if not peak <= FLOAT16_MAX:
+            raise FmapError(f"layer '{layer}': values up to {peak:.4g} overflow float16; use --dtype float32")
+        return values.astype(np.float16)
+
+    def _write_channel_stats(self, layer: LayerRecord) -> None:
+        stats = self.f[schema.LAYERS][layer.name][schema.STATS]
+        for role in layer.roles:
+            write_channel_stats(stats, role, self.stats[(layer.name, role)].summary())
+
+    def add_failures(self, failures: Sequence[Failure]) -> None:
+        """Record images skipped with --skip-bad: (position in the input list, path, reason)."""
+        if not failures:
+            return
+        if schema.FAILURES not in self.f:
+            group = create_group(self.f, schema.FAILURES)
+            for name, dtype in (("index", np.int64), ("path", STR), ("reason", STR)):
+                create_dataset(group, name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
+        group = self.f[schema.FAILURES]
+        start = group["index"].shape[0]
+        columns = zip(*failures, strict=True)
+        for name, values in zip(("index", "path", "reason"), columns, strict=True):
+            group[name].resize(start + len(failures), axis=0)
+            group[name][start:] = [safe_text(v) if isinstance(v, str) else v for v in values]
+        self.f.flush()
+
+    def sort_failures(self) -> None:
+        """Order /failures by input position (header failures are found before decode failures)."""
+        if schema.FAILURES not in self.f:
+            return
+        group = self.f[schema.FAILURES]
+        order = np.argsort(group["index"][...], kind="stable")
+        for name in ("index", "path", "reason"):
+            group[name][...] = group[name][...][order]
+
+    def seed_from(self, old: h5py.File) -> None:
+        """Start with the first ``n_images`` images of another file (a killed run's temporary file,
+        or a file an interrupted --append left incomplete), copied chunk by chunk, and its failures.
+
+        The source is only read: HDF5 may crash writing into a file whose writer was killed, while
+        everything it flushed reads back intact (../shared/HDF5-NOTES.md section 3).
+        """
+        n = int(old.attrs["n_images"])
+
+        def visit(name: str, dst: Any) -> None:
+            growing = isinstance(dst, h5py.Dataset) and dst.maxshape and dst.maxshape[0] is None
+            if growing and name in old and not name.startswith(f"{schema.FAILURES}/"):
+                dst.resize(n, axis=0)
+                copy_rows(old[name], dst, n)
+
+        self.f.visititems(visit)
+        if schema.FAILURES in old:
+            group = old[schema.FAILURES]
+            columns = (group["index"][...].tolist(), group["path"].asstr()[...], group["reason"].asstr()[...])
+            self.add_failures(list(zip(*columns, strict=True)))
+        self.n_images = n
+        self.f.attrs["n_images"] = np.int64(n)
+        self._recount_stats()
+        self.f.flush()
+
+    def _recount_stats(self) -> None:
+        """Running statistics of the seeded images, recomputed from their maps: a killed writer's
+        stored summary may already count a batch that its n_images does not."""
+        for layer in self.layers:
+            group = self.f[schema.LAYERS][layer.name]
+            for role in layer.roles:
+                running = ChannelStats.empty(layer.output_shape[0])
+                if role in group:
+                    for start in range(0, self.n_images, 64):
+                        running.update(group[role][start : start + 64].astype(np.float32))
+                self.stats[(layer.name, role)] = running
+            if self.n_images:
+                self._write_channel_stats(layer)
+
+
+def stored_stats(f: h5py.File, layers: Sequence[LayerRecord]) -> dict[tuple[str, str], ChannelStats]:
+    """Running statistics of a finished file, from its stored per-channel summary.
+
+    Raises:
+        FmapError: a layer without stored statistics (the file cannot be continued).
+    """
+    n_images = int(f.attrs["n_images"])
+    found = {}
+    for layer in layers:
+        stats = f[schema.LAYERS][layer.name].get(schema.STATS, {})
+        per_image = int(np.prod(layer.output_shape[1:], dtype=np.int64))
+        for role in layer.roles:
+            keys = {name: f"{role}_{name}" for name in schema.CHANNEL_STATS}
+            stored = {name: stats[key][...] for name, key in keys.items() if key in stats}
+            if not {"min", "max", "mean", "std"} <= stored.keys():
+                raise FmapError(f"{f.filename}: layer '{layer.name}' has no stored statistics of {role}")
+            found[(layer.name, role)] = ChannelStats.restore(stored, n_images * per_image)
+    return found
