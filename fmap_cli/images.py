@@ -5,18 +5,24 @@ images: EXIF orientation applied; any mode converted to RGB (alpha composited on
 colour, 16-bit greyscale scaled by 1/65535 instead of clipped); the shorter side resized with
 antialiased bilinear interpolation; a centre crop; pixels scaled to [0, 1]; per-channel
 ``(x - mean) / std``.
+
+Refused, with a message naming the file: anything but a regular file (a FIFO would block, /dev/zero
+never ends), files over ``MAX_FILE_BYTES``, images over ``MAX_PIXELS`` and images with one side over
+``MAX_ASPECT`` times the other.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -26,6 +32,24 @@ from .errors import ImageError, first_line
 _HIGH_DEPTH_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 # Pillow refuses images over 2x this many pixels and only warns above it; fmap refuses both.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# A file is read whole (its bytes are hashed, then decoded), so its size is bounded. 1 GiB is above
+# any image within MAX_PIXELS stored uncompressed at 8 bytes a pixel (16-bit RGBA: 716 MB).
+MAX_FILE_BYTES = 1 << 30
+# Longer side / shorter side above this is refused: resizing such a strip makes a picture of one
+# stretched row or column, nothing a CNN can use.
+MAX_ASPECT = 100
+# The picture is resized whole, then cropped, when the resized picture has at most this many pixels
+# (or 4x the crop's): bit-identical to torchvision's Resize + CenterCrop, at a bounded cost. Beyond,
+# only the part the crop keeps is resized: resized whole, a 1x5000 strip would take 1 GB.
+WHOLE_RESIZE_PIXELS = 1 << 22
+# What a path that is not a regular file is, for the message.
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 @dataclass(frozen=True)
@@ -83,22 +107,65 @@ class ImageBatch:
     indices: list[int]  # positions in the whole input list
 
 
-def _read(path: str) -> bytes:
+def _not_regular(path: str, mode: int) -> ImageError | None:
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+    return ImageError(f"{path}: not a regular file ({kind}); give an image file")
+
+
+@contextmanager
+def _open_image_file(path: str) -> Iterator[tuple[BinaryIO, int]]:
+    """Open an image file for reading: a regular file of at most ``MAX_FILE_BYTES``.
+
+    The path is checked with stat() before open(): opening a FIFO blocks until a writer comes, and a
+    device such as /dev/zero never ends. The open file is checked again, without blocking, in case
+    the path changed in between.
+
+    Yields:
+        The open file and its size in bytes.
+
+    Raises:
+        ImageError: missing, unreadable, not a regular file, or too large; the message names it.
+    """
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        error = _not_regular(path, Path(path).stat().st_mode)
+        if error is not None:
+            raise error
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        handle = os.fdopen(os.open(path, flags), "rb")
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
     except OSError as exc:
         raise ImageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    with handle:
+        info = os.fstat(handle.fileno())
+        error = _not_regular(path, info.st_mode)
+        if error is not None:
+            raise error
+        if info.st_size > MAX_FILE_BYTES:
+            raise _too_large(path, f"{info.st_size} bytes")
+        yield handle, info.st_size
+
+
+def _too_large(path: str, detail: str) -> ImageError:
+    return ImageError(f"{path}: too large for an image file ({detail}; limit {MAX_FILE_BYTES} bytes)")
+
+
+def _read(path: str) -> bytes:
+    with _open_image_file(path) as (handle, _):
+        try:
+            data = handle.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows while read
+        except OSError as exc:
+            raise ImageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise _too_large(path, "it grew while read")
     if not data:
         raise ImageError(f"{path}: empty file (0 bytes), not an image")
     return data
 
 
-def _identify(path: str, source: str | BytesIO) -> Image.Image:
+def _identify(path: str, source: BinaryIO, size: int) -> Image.Image:
     """Open lazily (header only), refusing non-images and decompression bombs."""
     try:
         with warnings.catch_warnings():
@@ -106,24 +173,29 @@ def _identify(path: str, source: str | BytesIO) -> Image.Image:
             image = Image.open(source)
             if image.width * image.height > MAX_PIXELS:
                 raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels")
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
     except UnidentifiedImageError:
-        kind = (
-            "empty file (0 bytes), not an image"
-            if Path(path).stat().st_size == 0
-            else "not an image file Pillow can read"
-        )
+        kind = "empty file (0 bytes), not an image" if size == 0 else "not an image file Pillow can read"
         raise ImageError(f"{path}: {kind}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(
-            f"{path}: refused as a possible decompression bomb ({first_line(exc)}; limit {MAX_PIXELS} pixels)"
-        ) from None
+        raise _bomb(path, exc) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{path}: cannot read image header: {first_line(exc)}") from None
     return image
+
+
+def _bomb(path: str, exc: Exception) -> ImageError:
+    return ImageError(
+        f"{path}: refused as a possible decompression bomb ({first_line(exc)}; limit {MAX_PIXELS} pixels)"
+    )
+
+
+def _check_shape(path: str, height: int, width: int) -> None:
+    """Refuse a picture too elongated to resize (see MAX_ASPECT)."""
+    if max(height, width) > MAX_ASPECT * min(height, width):
+        raise ImageError(
+            f"{path}: size {height}x{width} is too elongated to use "
+            f"(one side over {MAX_ASPECT} times the other); crop it first"
+        )
 
 
 def check_image(path: str) -> tuple[int, int]:
@@ -132,28 +204,37 @@ def check_image(path: str) -> tuple[int, int]:
     Returns:
         Its (H, W) after EXIF orientation.
     """
-    with _identify(path, path) as image:
+    with _open_image_file(path) as (handle, size), _identify(path, handle, size) as image:
         height, width = image.height, image.width
         try:
             orientation = image.getexif().get(0x0112, 1)
         except (OSError, ValueError, SyntaxError):  # a broken EXIF block fails at decode, with its name
             orientation = 1
-    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+    if orientation in (5, 6, 7, 8):
+        height, width = width, height
+    _check_shape(path, height, width)
+    return height, width
 
 
 def decode_image(path: str | os.PathLike[str], background: tuple[int, int, int] = (255, 255, 255)) -> DecodedImage:
     """Read, fully decode and orient one image; convert it to RGB (or "F" for 16-bit greyscale).
 
     Raises:
-        ImageError: missing, empty, truncated, corrupt or oversized file; the message names it.
+        ImageError: missing, empty, truncated, corrupt, oversized or too elongated file, or not a
+            regular file; the message names it.
     """
     name = os.fsdecode(path)
     data = _read(name)
-    image = _identify(name, BytesIO(data))
+    image = _identify(name, BytesIO(data), len(data))
     try:
-        image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()  # some formats (GIF, ICO, ...) learn their size here, and check it again
         image = ImageOps.exif_transpose(image)
+        _check_shape(name, image.height, image.width)
         image = _to_rgb(image, background)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb(name, exc) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{name}: cannot decode image: {first_line(exc)}") from None
     return DecodedImage(name, image, (image.height, image.width), hashlib.sha256(data).hexdigest())
@@ -186,11 +267,33 @@ def _resize_and_crop(image: Image.Image, size: tuple[int, int], shorter: int | N
         new_w, new_h = shorter, int(shorter * h / w)
     else:
         new_h, new_w = shorter, int(shorter * w / h)
-    if (new_h, new_w) != (h, w):
-        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
     # torchvision's CenterCrop offsets; a crop larger than the image pads with zeros.
     top, left = round((new_h - height) / 2.0), round((new_w - width) / 2.0)
-    return image.crop((left, top, left + width, top + height))
+    crop = (left, top, left + width, top + height)
+    if new_h * new_w <= max(WHOLE_RESIZE_PIXELS, 4 * height * width):
+        if (new_h, new_w) != (h, w):
+            image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        return image.crop(crop)
+    return _resize_part(image, (new_w, new_h), crop)
+
+
+def _resize_part(image: Image.Image, new_size: tuple[int, int], crop: tuple[int, int, int, int]) -> Image.Image:
+    """``image.resize(new_size).crop(crop)``, resizing only the part the crop keeps: O(crop) work.
+
+    Pillow's ``box`` maps each output pixel to the source point a whole resize would, but rounds the
+    box to float32; that may flip the rounding of a pixel once per pass (horizontal, vertical), so
+    8-bit values differ from the whole resize by at most 2/255.
+    """
+    new_w, new_h = new_size
+    w, h = image.size
+    kept = (max(crop[0], 0), max(crop[1], 0), min(crop[2], new_w), min(crop[3], new_h))
+    box = (kept[0] * w / new_w, kept[1] * h / new_h, kept[2] * w / new_w, kept[3] * h / new_h)
+    part = image.resize((kept[2] - kept[0], kept[3] - kept[1]), Image.Resampling.BILINEAR, box=box)
+    if kept == crop:
+        return part
+    padded = Image.new(image.mode, (crop[2] - crop[0], crop[3] - crop[1]))  # zeros, as Image.crop pads
+    padded.paste(part, (kept[0] - crop[0], kept[1] - crop[1]))
+    return padded
 
 
 def preprocess(decoded: DecodedImage, prep: Preprocessing) -> np.ndarray:

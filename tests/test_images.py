@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import builtins
+import io
 import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
 import tomllib
+import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from conftest import SAMPLES, TINY_SPEC, make_photo, tiny_weights
+from click.testing import CliRunner, Result
+from conftest import REPO, SAMPLES, TINY_SPEC, make_photo, tiny_weights
+from crafted import craft
 from PIL import Image
 
+from fmap_cli import images
 from fmap_cli.cli import cli
+from fmap_cli.errors import ImageError
 from fmap_cli.extract import preprocessing_for
-from fmap_cli.images import Preprocessing, decode_image, preprocess
+from fmap_cli.images import Preprocessing, check_image, decode_image, load_batch, preprocess
 from fmap_cli.spec import load_spec
 
 MEAN = (0.5, 0.4, 0.3)
@@ -460,3 +474,322 @@ def test_tiny_spec_parses_as_expected() -> None:
     """Guard for the constants above: they are the tiny model's normalisation."""
     raw = tomllib.loads(TINY_SPEC)
     assert tuple(raw["input"]["mean"]) == MEAN and tuple(raw["input"]["std"]) == STD
+
+
+# ---------------------------------------------------------------- the whole resize is bounded by the output
+
+
+def _whole_resize_then_crop(
+    image: Image.Image, new_size: tuple[int, int], crop: tuple[int, int, int, int]
+) -> np.ndarray:
+    return np.asarray(image.resize(new_size, Image.BILINEAR).crop(crop))
+
+
+def test_resize_of_part_is_within_two_levels_of_the_whole_resize() -> None:
+    """The bound _resize_part states: Pillow rounds the box to float32, so 8-bit values may differ by
+    a rounding flip per pass (at most 2/255); float ("F") values by under 1e-5."""
+    rng = np.random.default_rng(0)
+    differing = total = 0
+    for _ in range(150):
+        h, w = (int(v) for v in rng.integers(3, 200, 2))
+        new_w, new_h = (int(v) for v in rng.integers(2, 300, 2))
+        width, height = (int(v) for v in rng.integers(1, 60, 2))
+        left, top = round((new_w - width) / 2.0), round((new_h - height) / 2.0)  # may pad: crop > picture
+        crop = (left, top, left + width, top + height)
+        noise = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))  # worst case: no smooth areas
+        part = np.asarray(images._resize_part(noise, (new_w, new_h), crop)).astype(int)
+        whole = _whole_resize_then_crop(noise, (new_w, new_h), crop).astype(int)
+        assert np.abs(part - whole).max() <= 2
+        differing += int(np.count_nonzero(part != whole))
+        total += part.size
+        grey = Image.fromarray(rng.random((h, w), dtype=np.float32), "F")
+        part_f = np.asarray(images._resize_part(grey, (new_w, new_h), crop))
+        np.testing.assert_allclose(part_f, _whole_resize_then_crop(grey, (new_w, new_h), crop), rtol=0, atol=1e-5)
+    assert differing < 0.1 * total  # rounding flips, not a different resampling
+
+
+def test_whole_resize_kept_for_ordinary_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to WHOLE_RESIZE_PIXELS the result is bit-identical to resize-then-crop (RESIZE_CASES above
+    check values); only larger resizes take the part-only path."""
+    calls: list[tuple[int, int]] = []
+    real = images._resize_part
+
+    def spy(image: Image.Image, new_size: tuple[int, int], crop: tuple[int, int, int, int]) -> Image.Image:
+        calls.append(new_size)
+        return real(image, new_size, crop)
+
+    monkeypatch.setattr(images, "_resize_part", spy)
+    photo = make_photo(480, 640, seed=3)
+    decoded = images.DecodedImage("photo", photo, (480, 640), "")
+    preprocess(decoded, Preprocessing(size=(224, 224), mean=(0, 0, 0), std=(1, 1, 1), resize=256))
+    assert calls == []
+    got = preprocess(decoded, Preprocessing(size=(224, 224), mean=(0, 0, 0), std=(1, 1, 1), resize=4000))
+    assert calls == [(5333, 4000)]  # 21 M pixels if resized whole
+    expected = _whole_resize_then_crop(photo, (5333, 4000), (2554, 1888, 2778, 2112))
+    assert np.abs(got * 255 - expected.transpose(2, 0, 1)).max() <= 2 + 1e-3
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="address-space limit and /proc/self/statm are Linux's")
+def test_strip_resize_memory_is_bounded_by_the_output() -> None:
+    """A 1x40000 strip resized whole for a 224x224 crop is 224 x 8,960,000 pixels (6 GB); only the
+    crop's part is resized. Run in a child under a 1 GiB address-space margin: the whole resize
+    fails there with MemoryError instead of taking the machine's memory."""
+    child = textwrap.dedent(
+        """
+        import resource
+        import numpy as np
+        from PIL import Image
+        from fmap_cli.images import DecodedImage, Preprocessing, preprocess
+
+        mapped = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + (1 << 30), resource.RLIM_INFINITY))
+        strip = Image.new("RGB", (1, 40000), (10, 20, 30))  # W=1, H=40000: refused by decode_image
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        x = preprocess(DecodedImage("strip", strip, (40000, 1), ""), Preprocessing((224, 224), (0, 0, 0), (1, 1, 1)))
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+        assert x.shape == (3, 224, 224) and np.allclose(x[:, 100, 100], np.array([10, 20, 30]) / 255)
+        print(grown)
+        """
+    )
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", child], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout) < 64 << 20  # peak RSS growth, bytes: measured about 3 MiB
+
+
+# ---------------------------------------------------------------- sizes refused from the header
+
+
+@pytest.mark.parametrize("hw", [(40000, 1), (1, 40000), (4000, 3), (3, 4000), (201, 2)])
+def test_elongated_image_refused(tmp_path: Path, hw: tuple[int, int]) -> None:
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (hw[1], hw[0]), (10, 20, 30)).save(path)
+    message = f"{path}: size {hw[0]}x{hw[1]} is too elongated to use (one side over 100 times the other); crop it first"
+    with pytest.raises(ImageError) as header:
+        check_image(str(path))
+    assert str(header.value) == message
+    with pytest.raises(ImageError) as decoded:
+        decode_image(path)
+    assert str(decoded.value) == message
+
+
+def test_elongated_after_exif_orientation_names_the_upright_size(tmp_path: Path) -> None:
+    path = tmp_path / "strip.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 3 high x 400 wide, upright 400 high x 3 wide
+    Image.new("RGB", (400, 3)).save(path, exif=exif)
+    with pytest.raises(ImageError, match=r"size 400x3 is too elongated"):
+        check_image(str(path))
+    with pytest.raises(ImageError, match=r"size 400x3 is too elongated"):
+        decode_image(path)
+
+
+def test_aspect_limit_is_inclusive(tmp_path: Path) -> None:
+    path = tmp_path / "strip.png"
+    make_photo(2, 200, seed=1).save(path)
+    assert check_image(str(path)) == (2, 200)
+    got = preprocess(decode_image(path), Preprocessing(size=(20, 24), mean=(0, 0, 0), std=(1, 1, 1)))
+    with Image.open(path) as raw:
+        assert np.array_equal(got, _torchvision_way(raw.convert("RGB"), (20, 2000), (20, 24)))
+
+
+def _extract_error(*args: str) -> Result:
+    return CliRunner().invoke(cli, ["extract", *args])
+
+
+def test_elongated_image_refused_by_extract_before_compute(tmp_path: Path, tiny_model: Path) -> None:
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (1, 40000)).save(strip)
+    assert strip.stat().st_size < 1000
+    out = tmp_path / "out.h5"
+    result = _extract_error(str(strip), "-m", str(tiny_model), "-o", str(out))
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: {strip}: size 40000x1 is too elongated to use (one side over 100 times the other); crop it first"
+    )
+    assert not out.exists()
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A 1x1 PNG whose header claims width x height (CRC recomputed)."""
+    Image.new("RGB", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+    return path
+
+
+# ---------------------------------------------------------------- what is not a regular image file
+
+DEV_ZERO = Path("/dev/zero")
+
+
+@pytest.fixture
+def never_opened(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """``never_opened(*paths)``: opening any of them fails the test at once, so a regression fails
+    instead of blocking (an open() of a FIFO waits for a writer) or filling the memory (/dev/zero)."""
+    refused: set[Path] = set()
+    real_open, real_os_open = builtins.open, os.open
+
+    def check(file: object) -> None:
+        if isinstance(file, str | os.PathLike) and Path(file).resolve() in refused:
+            raise AssertionError(f"{file} was opened")
+
+    def guarded_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        check(file)
+        return real_open(file, *args, **kwargs)
+
+    def guarded_os_open(path: Any, *args: Any, **kwargs: Any) -> int:
+        check(path)
+        return real_os_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(io, "open", guarded_open)
+    monkeypatch.setattr(os, "open", guarded_os_open)
+    return lambda *paths: refused.update(Path(p).resolve() for p in paths)
+
+
+def _special_files(tmp_path: Path) -> list[tuple[str, str]]:
+    """(path, kind) of files that are not regular files, on this machine."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    found = [(str(fifo), "a FIFO"), (str(tmp_path), "a directory")]
+    for device in ("/dev/zero", "/dev/urandom"):
+        if Path(device).exists():
+            found.append((device, "a character device"))
+    sock = tmp_path / "s.png"
+    if len(str(sock)) < 100:  # AF_UNIX paths are short
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(sock))
+        server.close()  # the socket file stays
+        found.append((str(sock), "a socket"))
+    return found
+
+
+def test_not_regular_files_refused_before_open(tmp_path: Path, never_opened: Callable[..., None]) -> None:
+    special = _special_files(tmp_path)
+    never_opened(*(path for path, _ in special))
+    for path, kind in special:
+        message = f"{path}: not a regular file ({kind}); give an image file"
+        for read in (check_image, decode_image):
+            with pytest.raises(ImageError) as caught:
+                read(path)
+            assert str(caught.value) == message, read
+        batch, failures = load_batch([(3, path)], Preprocessing((8, 8), (0, 0, 0), (1, 1, 1)), skip_bad=True)
+        assert batch is None
+        assert [(f.index, f.path, f.reason) for f in failures] == [(3, path, message.removeprefix(f"{path}: "))]
+
+
+def test_symlink_to_an_image_is_read(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.png"
+    make_photo(12, 10).save(photo)
+    link = tmp_path / "link.png"
+    link.symlink_to(photo)
+    assert check_image(str(link)) == (12, 10)
+    assert decode_image(link).sha256 == decode_image(photo).sha256
+
+
+def test_symlink_to_a_device_refused(tmp_path: Path, never_opened: Callable[..., None]) -> None:
+    if not DEV_ZERO.exists():
+        pytest.skip("no /dev/zero")
+    never_opened(DEV_ZERO)
+    link = tmp_path / "zero.png"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(ImageError, match=r"zero\.png: not a regular file \(a character device\)"):
+        decode_image(link)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_extract_refuses_a_fifo_or_device(
+    tmp_path: Path, tiny_model: Path, kind: str, never_opened: Callable[..., None]
+) -> None:
+    if kind == "fifo":
+        path, what = tmp_path / "pipe.png", "a FIFO"
+        os.mkfifo(path)
+    elif DEV_ZERO.exists():
+        path, what = DEV_ZERO, "a character device"
+    else:
+        pytest.skip("no /dev/zero")
+    never_opened(path)
+    out = tmp_path / "out.h5"
+    result = _extract_error(str(path), "-m", str(tiny_model), "-o", str(out))
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    assert result.stderr.splitlines()[-1] == f"Error: {path}: not a regular file ({what}); give an image file"
+    assert not out.exists()
+
+
+def test_file_over_the_byte_limit_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "photo.png"
+    make_photo(12, 10).save(path)
+    size = path.stat().st_size
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", size - 1)
+    message = f"{path}: too large for an image file ({size} bytes; limit {size - 1} bytes)"
+    for read in (check_image, decode_image):
+        with pytest.raises(ImageError) as caught:
+            read(str(path))
+        assert str(caught.value) == message
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", size)
+    assert decode_image(path).original_size == (12, 10)
+
+
+def test_empty_file_still_says_empty(tmp_path: Path) -> None:
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    for read in (check_image, decode_image):
+        with pytest.raises(ImageError) as caught:
+            read(str(path))
+        assert str(caught.value) == f"{path}: empty file (0 bytes), not an image"
+
+
+# ---------------------------------------------------------------- render re-reads stored image paths
+
+
+def _render_overlay(path: Path, out: Path, *how: str) -> Result:
+    return CliRunner().invoke(cli, ["render", str(path), "--layer", "conv", "-o", str(out), *how])
+
+
+NO_INPUT = "; the file has no /input (extract with --save-input to keep it)"
+
+
+@pytest.mark.parametrize("how", [("--overlay", "0"), ("--top", "1", "--channel", "0")], ids=["overlay", "top"])
+def test_render_refuses_stored_paths_that_are_not_image_files(
+    tmp_path: Path, how: tuple[str, ...], never_opened: Callable[..., None]
+) -> None:
+    """A hostile or odd fmap file: /images/path names a FIFO, /dev/zero or a decompression bomb."""
+    z = np.ones((1, 2, 4, 4), dtype=np.float32)
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    bomb = _png_claiming(tmp_path / "bomb.png", 30000, 30000)
+    stored = [(fifo, f"Error: {fifo}: not a regular file (a FIFO); give an image file{NO_INPUT}\n")]
+    if DEV_ZERO.exists():
+        stored.append(
+            (DEV_ZERO, f"Error: /dev/zero: not a regular file (a character device); give an image file{NO_INPUT}\n")
+        )
+    never_opened(fifo, DEV_ZERO)
+    out = tmp_path / "o.png"
+    for i, (path, line) in enumerate(stored):
+        fmap_file = craft(tmp_path / f"hostile{i}.h5", {"conv": (z, z)}, image_paths=[str(path)])
+        result = _render_overlay(fmap_file, out, *how)
+        assert (result.exit_code, result.output) == (1, line)
+        assert not out.exists()
+    fmap_file = craft(tmp_path / "bomb.h5", {"conv": (z, z)}, image_paths=[str(bomb)])
+    result = _render_overlay(fmap_file, out, *how)
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1, result.output  # Pillow words the middle part
+    assert result.output.startswith(f"Error: {bomb}: refused as a possible decompression bomb (Image size (9")
+    assert result.output.endswith(f"; limit {images.MAX_PIXELS} pixels){NO_INPUT}\n")
+
+
+def test_render_refuses_a_stored_image_over_the_byte_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    photo = tmp_path / "photo.png"
+    make_photo(32, 32).save(photo)
+    size = photo.stat().st_size
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", 100)
+    z = np.ones((1, 2, 4, 4), dtype=np.float32)
+    fmap_file = craft(tmp_path / "big.h5", {"conv": (z, z)}, image_paths=[str(photo)])
+    result = _render_overlay(fmap_file, tmp_path / "o.png", "--overlay", "0")
+    assert result.exit_code == 1
+    assert result.output == f"Error: {photo}: too large for an image file ({size} bytes; limit 100 bytes){NO_INPUT}\n"
