@@ -46,10 +46,20 @@ def parse_shard(text: str) -> Shard:
 
 
 def shard_from_env(environ: Mapping[str, str]) -> Shard | None:
-    """The shard of a SLURM array task (SLURM_ARRAY_TASK_ID relative to SLURM_ARRAY_TASK_MIN)."""
+    """The shard of a SLURM array task (SLURM_ARRAY_TASK_ID relative to SLURM_ARRAY_TASK_MIN).
+
+    Returns:
+        None outside an array task (no SLURM_ARRAY_TASK_ID).
+
+    Raises:
+        UsageError: the variables do not make a shard, or SLURM_ARRAY_TASK_COUNT is missing (every
+            task would then process every image).
+    """
     task, count = environ.get("SLURM_ARRAY_TASK_ID"), environ.get("SLURM_ARRAY_TASK_COUNT")
-    if task is None or count is None:
+    if task is None:
         return None
+    if count is None:
+        raise UsageError("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not; pass --shard K/N")
     try:
         index = int(task) - int(environ.get("SLURM_ARRAY_TASK_MIN", "0"))
         return parse_shard(f"{index}/{int(count)}")
