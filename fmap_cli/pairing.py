@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .geometry import Geometry
+
 # Nonlinearities by op name (in-place variants end in "_", aten names end in ".default").
 NONLINEAR_OPS = {
     "relu", "relu6", "leaky_relu", "elu", "celu", "selu", "gelu", "silu", "hardswish", "hardsigmoid",
@@ -179,19 +181,16 @@ def _arg(args: Sequence[Any], kwargs: dict[str, Any], index: int, key: str, defa
     return args[index] if len(args) > index else default
 
 
-Geo = tuple[float, float, float, float, float, float]  # rf_h, rf_w, jump_h, jump_w, start_h, start_w
-
-
-def _window_geo(name: str, args: Sequence[Any], kwargs: dict[str, Any], geo: Geo) -> Geo | None:
-    """Receptive-field update for a convolution or pooling window; None if not one."""
+def _window_geometry(name: str, args: Sequence[Any], kwargs: dict[str, Any], geo: Geometry) -> Geometry | None:
+    """Receptive field after a convolution or pooling window; None if the op is not one."""
     if name in ("conv2d", "convolution") and len(args) > 1 and isinstance(args[1], torch.Tensor):
         if name == "convolution" and _arg(args, kwargs, 6, "transposed", False):
             return None
-        kernel = tuple(args[1].shape[2:])
+        kernel = _pair(tuple(args[1].shape[2:]), 1)
         stride, dilation = _pair(_arg(args, kwargs, 3, "stride"), 1), _pair(_arg(args, kwargs, 5, "dilation"), 1)
         padding_arg = _arg(args, kwargs, 4, "padding", 0)
         if padding_arg == "same":
-            padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
+            padding = (dilation[0] * (kernel[0] - 1) // 2, dilation[1] * (kernel[1] - 1) // 2)
         else:
             padding = (0, 0) if padding_arg == "valid" else _pair(padding_arg, 0)
     elif name in ("max_pool2d", "avg_pool2d", "max_pool2d_with_indices"):
@@ -202,13 +201,7 @@ def _window_geo(name: str, args: Sequence[Any], kwargs: dict[str, Any], geo: Geo
         dilation = _pair(_arg(args, kwargs, 4, "dilation"), 1) if name != "avg_pool2d" else (1, 1)
     else:
         return None
-    rf, jump, start = list(geo[0:2]), list(geo[2:4]), list(geo[4:6])
-    for axis in (0, 1):
-        k_eff = dilation[axis] * (kernel[axis] - 1) + 1
-        start[axis] += ((k_eff - 1) / 2 - padding[axis]) * jump[axis]
-        rf[axis] += (k_eff - 1) * jump[axis]
-        jump[axis] *= stride[axis]
-    return (rf[0], rf[1], jump[0], jump[1], start[0], start[1])
+    return geo.after_window(kernel, stride, padding, dilation)
 
 
 class Recorder:
@@ -248,7 +241,7 @@ class Recorder:
 
     def start(self, x: torch.Tensor) -> None:
         """The model's input tensor."""
-        self._geo.set(x, (1.0, 1.0, 1.0, 1.0, 0.0, 0.0))
+        self._geo.set(x, Geometry())
         self._tags.set(x, [("input", "input")])
 
     # ----------------------------------------------------------------------------- events
@@ -462,27 +455,21 @@ class Recorder:
         return tags[-1][0] if tags else "tensor"
 
     def _set_geometry(self, info: LayerInfo, t: torch.Tensor) -> None:
-        geo = self._geo.get(t)
-        if t.dim() != 4:  # flat features: every unit sees the whole image
-            h, w = self.image_size
-            info.receptive_field, info.stride, info.start = (h, w), (0, 0), ((h - 1) / 2, (w - 1) / 2)
-        elif geo is not None:
-            info.receptive_field = (round(geo[0]), round(geo[1]))
-            info.stride = (round(geo[2]), round(geo[3]))
-            info.start = (geo[4], geo[5])
+        geo = Geometry.whole(self.image_size) if t.dim() != 4 else self._geo.get(t)  # flat: the whole image
+        if geo is not None:
+            info.receptive_field, info.stride, info.start = geo.field, geo.stride, geo.start
 
     def _op_geometry(
-        self, name: str, args: Sequence[Any], kwargs: dict[str, Any], x: Any, geo_in: Geo | None, out: Any
+        self, name: str, args: Sequence[Any], kwargs: dict[str, Any], x: Any, geo_in: Geometry | None, out: Any
     ) -> None:
         if out is None or out.dim() != 4 or geo_in is None or x is None or x.dim() != 4:
             return
-        new = _window_geo(name, args, kwargs, geo_in)
+        new = _window_geometry(name, args, kwargs, geo_in)
         if name.startswith("adaptive_") and tuple(out.shape[-2:]) == (1, 1):  # global pooling: the whole image
-            h, w = self.image_size
-            new = (float(h), float(w), float(h), float(w), (h - 1) / 2, (w - 1) / 2)
+            new = Geometry.whole(self.image_size, stride=self.image_size)
         elif new is None and out.shape[-2:] == x.shape[-2:]:  # elementwise: the widest input's field
-            others = [g for g in (self._geo.get(a) for a in args[1:] if isinstance(a, torch.Tensor)) if g]
-            new = (max([geo_in[0], *(g[0] for g in others)]), max([geo_in[1], *(g[1] for g in others)]), *geo_in[2:])
+            others = (self._geo.get(a) for a in args[1:] if isinstance(a, torch.Tensor))
+            new = geo_in.join(*(g for g in others if g is not None))
         if new is not None:
             self._geo.set(out, new)
 

@@ -1,12 +1,12 @@
-"""Where a unit looks in the input: receptive-field geometry, the input pictures, heat-map overlays
-and a channel's top-K receptive-field patches (for ``fmap render``). h5py, numpy and Pillow only.
+"""Where a unit looks in the input: the input pictures, heat-map overlays placed by receptive-field
+geometry (``geometry.py``) and a channel's top-K receptive-field patches (for ``fmap render``).
+h5py, numpy and Pillow only.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -17,6 +17,7 @@ from . import colormaps
 from .analysis import top_images
 from .drawing import BACKGROUND, LINE_H, LegendLine, fit, legend, stack, write
 from .errors import FmapError, ImageError
+from .geometry import Geometry
 from .images import Preprocessing, decode_image, preprocess
 from .store import schema
 
@@ -25,36 +26,6 @@ DIM = 0.6  # the input image is darkened so the heat map stands out
 OVERLAY_MIN = 256  # pictures smaller than this (longer side) are enlarged by an integer factor
 PATCH_SIZE = 96  # longer side of a displayed patch
 OUTSIDE = (128, 128, 128)  # patch pixels beyond the image border
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Receptive field of a layer's units: unit (i, j) is centred at input pixel start + (i, j) * stride."""
-
-    field: tuple[int, int]  # input pixels (H, W) seen by one unit
-    stride: tuple[int, int]  # input pixels between neighbouring units
-    start: tuple[float, float]  # (row, col) of the centre of unit (0, 0)
-
-    @classmethod
-    def of(cls, group: h5py.Group) -> Geometry:
-        """The geometry stored on a layer group.
-
-        Raises:
-            FmapError: the file does not know it (e.g. an op whose geometry could not be traced).
-        """
-        field = tuple(int(v) for v in group.attrs.get("receptive_field", (-1, -1)))
-        stride = tuple(int(v) for v in group.attrs.get("receptive_field_stride", (-1, -1)))
-        start = tuple(float(v) for v in group.attrs.get("receptive_field_start", (math.nan, math.nan)))
-        if min(*field, *stride) < 0 or not all(map(math.isfinite, start)):
-            name = group.name.rsplit("/", 1)[-1]
-            raise FmapError(f"layer '{name}': receptive field unknown in this file, so its units cannot be placed")
-        return cls((field[0], field[1]), (stride[0], stride[1]), (start[0], start[1]))
-
-    def box(self, row: int, col: int) -> tuple[int, int, int, int]:
-        """(left, top, right, bottom) of unit (row, col)'s receptive field, in input pixels."""
-        top = round(self.start[0] + row * self.stride[0] - (self.field[0] - 1) / 2)
-        left = round(self.start[1] + col * self.stride[1] - (self.field[1] - 1) / 2)
-        return left, top, left + self.field[1], top + self.field[0]
 
 
 def upsample(values: np.ndarray, geometry: Geometry, size: tuple[int, int]) -> np.ndarray:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SpecError, did_you_mean
+from .geometry import Geometry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -119,9 +120,7 @@ class LayerGeometry:
     name: str
     input_shape: tuple[int, ...]  # (C, H, W) or (F,)
     output_shape: tuple[int, ...]
-    receptive_field: tuple[int, int]  # input pixels (H, W) seen by one unit
-    stride: tuple[int, int]  # input pixels between neighbouring units
-    start: tuple[float, float]  # input coordinates of the centre of unit (0, 0)
+    receptive: Geometry  # where its units look in the input
 
 
 @dataclass
@@ -330,7 +329,7 @@ def geometry(spec: ModelSpec, size: tuple[int, int] | None = None, file: str | N
     size = size or spec.input.size
     where = file or spec.source
     shape: tuple[int, ...] = (3, *size)
-    rf, jump, start = [1.0, 1.0], [1.0, 1.0], [0.0, 0.0]
+    receptive = Geometry()
     result = []
     for layer in spec.layers:
         p = layer.params
@@ -357,32 +356,20 @@ def geometry(spec: ModelSpec, size: tuple[int, int] | None = None, file: str | N
                         "use a larger --size or a smaller kernel"
                     )
                 out_hw.append(n)
-                k_eff = d * (k - 1) + 1
-                start[axis] += ((k_eff - 1) / 2 - pad) * jump[axis]
-                rf[axis] += (k_eff - 1) * jump[axis]
-                jump[axis] *= s
+            receptive = receptive.after_window(p["kernel_size"], p["stride"], p["padding"], dilation)
             channels = p["out_channels"] if layer.type == "conv2d" else shape[0]
             out: tuple[int, ...] = (channels, *out_hw)
         elif layer.type == "batchnorm2d":
             out = shape
         elif layer.type == "flatten":
             out = (math.prod(shape),)
-            rf, jump, start = [float(size[0]), float(size[1])], [0.0, 0.0], [(size[0] - 1) / 2, (size[1] - 1) / 2]
+            receptive = Geometry.whole(size)
         else:  # linear
             out = (p["out_features"],)
         if layer.channel_descriptions and len(layer.channel_descriptions) != out[0]:
             raise SpecError(
                 f"{fail}: channel_descriptions has {len(layer.channel_descriptions)} entries for {out[0]} channels"
             )
-        result.append(
-            LayerGeometry(
-                name=layer.name,
-                input_shape=shape,
-                output_shape=out,
-                receptive_field=(int(rf[0]), int(rf[1])),
-                stride=(int(jump[0]), int(jump[1])),
-                start=(start[0], start[1]),
-            )
-        )
+        result.append(LayerGeometry(layer.name, shape, out, receptive))
         shape = out
     return result
