@@ -1,8 +1,9 @@
 """Turn ``--model`` (and ``--weights``) into a ready ``nn.Module``: spec files, Python factories,
 torchvision/timm names and ``torch.export`` programs.
 
-Weights never run code: ``.pt`` files load with ``torch.load(..., weights_only=True)``. The only
-code fmap runs is a factory the user names explicitly (``file.py:factory``, ``package.module:factory``).
+Weights never run code: ``.pt`` files load with ``torch.load(..., weights_only=True)``, and ``.pt2``
+archives are checked before torch reads them (``exported.py``). The only code fmap runs is a
+factory the user names explicitly (``file.py:factory``, ``package.module:factory``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ModelError, SpecError, UsageError, did_you_mean, first_line
+from .exported import load_program
 from .spec import (
     BUILTIN_MODELS,
     IMAGENET_MEAN,
@@ -333,21 +335,34 @@ def _library_model(library: str, name: str, pretrained: bool, kwargs: dict[str, 
 
 
 def load_exported(path: Path) -> LoadedModel:
-    """A ``torch.export`` program saved with ``torch.export.save``; layer names come from its module stack."""
+    """A ``torch.export`` program saved with ``torch.export.save``; layer names come from its module stack.
+
+    The archive is checked first (``exported.py``): nothing in it is unpickled or run as code.
+
+    Raises:
+        ModelError: the file is missing or unsafe, or the program cannot be loaded or turned into
+            a module; the message names the file.
+    """
     if not path.is_file():
         raise ModelError(f"{path}: no such file")
+    program, data = load_program(path)
     try:
-        program = torch.export.load(str(path))
-    except Exception as exc:
-        raise ModelError(f"{path}: not a torch.export program: {type(exc).__name__}: {first_line(exc)}") from None
-    module = program.module()
-    module.fmap_exported = True  # read by capture.is_exported
-    example = next((n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"
-                    and n.name not in program.graph_signature.inputs_to_parameters
-                    and n.name not in program.graph_signature.inputs_to_buffers), None)  # fmt: skip
-    size = tuple(int(d) for d in example.shape[-2:]) if example is not None and example.dim() == 4 else (224, 224)
-    description = {"source": str(path), "class": "torch.export.ExportedProgram", "graph": str(program.graph)}
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        module = program.module()
+        example = next((n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"
+                        and n.name not in program.graph_signature.inputs_to_parameters
+                        and n.name not in program.graph_signature.inputs_to_buffers), None)  # fmt: skip
+        graph = str(program.graph)
+    except Exception as exc:  # torch's unlifting and the graph are the file's: any failure is its fault
+        raise ModelError(
+            f"{path}: the torch.export program cannot be made into a module: {type(exc).__name__}: {first_line(exc)}"
+        ) from None
+    # Read by capture.is_exported; nn.Module.__setattr__ is typed for tensors and modules only.
+    object.__setattr__(module, "fmap_exported", True)
+    size = (224, 224)
+    if isinstance(example, torch.Tensor) and example.dim() == 4:  # the program's example input
+        size = (int(example.shape[-2]), int(example.shape[-1]))
+    description = {"source": str(path), "class": "torch.export.ExportedProgram", "graph": graph}
+    digest = hashlib.sha256(data).hexdigest()
     return LoadedModel(module, path.stem, str(path), InputSpec(size=size), digest, description)
 
 

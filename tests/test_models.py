@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import pickle
 import sys
 import types
 from collections.abc import Callable, Sequence
@@ -535,6 +536,207 @@ def test_pt2_single_image_batch(pt2_path: Path) -> None:
     ref = reference(zoo.resnet18(), x)
     assert close(got["layer2.0.conv2"].z, ref["layer2.0.conv2"][1])
     assert close(got["fc"].z, ref["fc"][1])
+
+
+# ---------------------------------------------------------------------------- a .pt2 never runs code
+
+
+class Tiny(nn.Module):
+    """A conv and a ReLU, plus a non-persistent buffer: export stores it as a tensor constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("shift", torch.full((4, 1, 1), 0.1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv(x) + self.shift)
+
+
+class Marker:
+    """Pickles to a call of ``open(path, 'w')``: unpickling it creates the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.path), "w"))
+
+
+@pytest.fixture(scope="module")
+def tiny_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_pt2") / "tiny.pt2"
+    torch.manual_seed(0)
+    torch.export.save(torch.export.export(Tiny().eval(), (torch.randn(2, 3, 16, 16),)), str(path))
+    return path
+
+
+def rewrite_pt2(source: Path, target: Path, change: Callable[[str, bytes], bytes], add: dict[str, bytes]) -> Path:
+    """Copy a .pt2 archive entry by entry through ``change(name, data)`` (names without the archive's
+    top folder), then add the entries ``add``."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
+        root = zin.namelist()[0].split("/", 1)[0]
+        for info in zin.infolist():
+            zout.writestr(info, change(info.filename.split("/", 1)[1], zin.read(info.filename)))
+        for name, data in add.items():
+            zout.writestr(f"{root}/{name}", data)
+    return target
+
+
+def pickled(obj: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def edit_json(data: bytes, edit: Callable[[dict[str, Any]], None]) -> bytes:
+    value = json.loads(data)
+    edit(value)
+    return json.dumps(value).encode()
+
+
+def enum_key_in_input_spec(program: dict[str, Any]) -> None:
+    """Make the program's input spec a dict keyed by an enum of module 'fmap_marker_module':
+    torch's pytree reader imports that module to find the enum."""
+    signature = program["graph_module"]["module_call_graph"][0]["signature"]
+    protocol, spec = json.loads(signature["in_spec"])
+    kwargs = spec["children_spec"][1]  # (args, kwargs): kwargs is a dict, its context the keys
+    kwargs["context"] = json.dumps([{"__enum__": True, "fqn": "fmap_marker_module:E", "name": "A"}])
+    kwargs["children_spec"] = [{"type": None, "context": None, "children_spec": []}]
+    signature["in_spec"] = json.dumps([protocol, spec])
+
+
+NO_CODE = "fmap never runs code from a model file"
+UNSAFE_PT2 = {
+    # name: (entries to change, entries to add, the entry named, what the error says about it)
+    "sample inputs": (
+        {"data/sample_inputs/model.pt": lambda data, marker: pickled(Marker(marker))},
+        {},
+        "data/sample_inputs/model.pt",
+        "holds Python objects, not just tensors",
+    ),
+    "pickled weight": (
+        {
+            "data/weights/weight_0": lambda data, marker: pickled(Marker(marker)),
+            "data/weights/model_weights_config.json": lambda data, marker: edit_json(
+                data, lambda config: config["config"]["conv.weight"].update(use_pickle=True)
+            ),
+        },
+        {},
+        "data/weights/weight_0",
+        "(weight 'conv.weight') is a pickled object",
+    ),
+    "opaque constant": (
+        {
+            "data/constants/model_constants_config.json": lambda data, marker: edit_json(
+                data,
+                lambda config: config["config"].update(
+                    c={"path_name": "opaque_obj_0", "is_param": False, "use_pickle": False, "tensor_meta": None}
+                ),
+            )
+        },
+        {"data/constants/opaque_obj_0": lambda marker: pickle.dumps(Marker(marker))},
+        "data/constants/opaque_obj_0",
+        "(constant 'c') is a Python object, not a tensor",
+    ),
+    "module named by an enum key": (
+        {"models/model.json": lambda data, marker: edit_json(data, enum_key_in_input_spec)},
+        {},
+        "models/model.json",
+        "names a Python module to import ('fmap_marker_module') in a pytree spec",
+    ),
+    "AOTInductor library": (
+        {},
+        {"data/aotinductor/model/model.so": lambda marker: b"not really a library"},
+        "data/aotinductor/model/model.so",
+        "is compiled code (AOTInductor)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSAFE_PT2))
+def test_pt2_with_pickled_objects_or_code_is_refused_without_running_them(
+    case: str, tiny_pt2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    changes, additions, entry, problem = UNSAFE_PT2[case]
+    marker = tmp_path / "marker"
+    # The enum case: a module on sys.path that creates the marker when imported.
+    (tmp_path / "fmap_marker_module.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nimport enum\nE = enum.Enum('E', 'A')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    bad = rewrite_pt2(
+        tiny_pt2,
+        tmp_path / "bad.pt2",
+        lambda name, data: changes[name](data, marker) if name in changes else data,
+        {name: make(marker) for name, make in additions.items()},
+    )
+    result = invoke("layers", "--model", bad)
+    assert not marker.exists(), "unpickling or importing ran code from the .pt2"
+    assert result.exit_code == 1, result.output
+    assert result.output == f"Error: {bad}: entry '{entry}' {problem}; {NO_CODE}\n"
+    with pytest.raises(ModelError):
+        load_model(str(bad))
+    assert not marker.exists()
+
+
+def test_pt2_of_the_pre_2_7_format_is_refused(tiny_pt2: Path, tmp_path: Path) -> None:
+    """torch.export.load reads the old format (a top-level 'version' entry) with pickle."""
+    bad = tmp_path / "old.pt2"
+    bad.write_bytes(tiny_pt2.read_bytes())
+    import zipfile
+
+    with zipfile.ZipFile(bad, "a") as archive:
+        archive.writestr("version", "1.0")
+    result = invoke("layers", "--model", bad)
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        f"Error: {bad}: entry 'version' marks torch's pre-2.7 format, read with pickle "
+        f"(re-save it with torch.export.save); {NO_CODE}\n"
+    )
+
+
+def test_pt2_that_is_not_an_archive(tmp_path: Path) -> None:
+    bad = tmp_path / "junk.pt2"
+    bad.write_bytes(b"not a zip file")
+    result = invoke("layers", "--model", bad)
+    assert result.exit_code == 1, result.output
+    assert result.output == f"Error: {bad}: not a torch.export program: BadZipFile: File is not a zip file\n"
+
+
+def test_safe_pt2_loads_and_computes_what_the_eager_model_does(tiny_pt2: Path) -> None:
+    loaded = load_model(str(tiny_pt2))
+    torch.manual_seed(0)
+    eager = Tiny().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.module(x), eager(x))
+    assert loaded.input.size == (16, 16)
+    assert loaded.weights_sha256 == hashlib.sha256(tiny_pt2.read_bytes()).hexdigest()
+    result = invoke("layers", "--model", tiny_pt2, "--size", "16")
+    assert result.exit_code == 0, result.output
+    assert result.output == (
+        "layer  type    output   rf   stride  f     z -> a\n"
+        "conv   Conv2d  4x16x16  3x3  1x1     relu  add(+tensor) -> :relu\n"
+        ":relu  relu    4x16x16  3x3  1x1     relu  :relu\n"
+    )
+
+
+def test_pt2_whose_module_cannot_be_built_is_a_one_line_error(tiny_pt2: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(self: torch.export.ExportedProgram) -> nn.Module:
+        raise RuntimeError("cannot unlift this program\nsecond line of detail")
+
+    monkeypatch.setattr(torch.export.ExportedProgram, "module", fail)
+    result = invoke("layers", "--model", tiny_pt2)
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        f"Error: {tiny_pt2}: the torch.export program cannot be made into a module: "
+        "RuntimeError: cannot unlift this program\n"
+    )
 
 
 # ---------------------------------------------------------------------------- models are left unchanged
