@@ -315,8 +315,69 @@ def _parse_layer(table: Any, check: _Checker, taken: set[str]) -> LayerSpec:
     )
 
 
+# Sizes past which a spec is refused before anything is allocated (a typo such as
+# out_channels = 1000000000 would otherwise end in a MemoryError or the OOM killer).
+MAX_PARAMETERS = 2**31  # in the whole model; large CNNs have about 10**8
+MAX_MAP_BYTES = 4 * 2**30  # one layer's map of one image, as float32
+
+
 def _out_len(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _shown(value: Any) -> str:
+    """A spec value as the file would write it: pairs with equal halves as one integer."""
+    if isinstance(value, tuple):
+        return str(value[0]) if value[0] == value[1] else f"[{value[0]}, {value[1]}]"
+    return str(value)
+
+
+def _setting(layer: LayerSpec, key: str) -> tuple[str, str]:
+    """``key = value`` as the spec file says it, and the advice; the layer's type when ``key`` is not
+    one of its keys (a batch norm is as wide as its input)."""
+    if key in layer.params:
+        return f"{key} = {_shown(layer.params[key])}", f"; use a smaller {key}"
+    return f"type = {layer.type}", "; use fewer channels before it"
+
+
+def _parameters(layer: LayerSpec, shape: tuple[int, ...]) -> tuple[int, str]:
+    """Parameters (and buffers) of a layer with input ``shape``, and the key that sets their number."""
+    p = layer.params
+    if layer.type == "conv2d":
+        kernel = p["kernel_size"][0] * p["kernel_size"][1]
+        count = p["out_channels"] * (shape[0] // p["groups"]) * kernel + (p["out_channels"] if p["bias"] else 0)
+        return count, ("kernel_size" if kernel > p["out_channels"] else "out_channels")
+    if layer.type == "linear":
+        return math.prod(shape) * p["out_features"] + (p["out_features"] if p["bias"] else 0), "out_features"
+    if layer.type == "batchnorm2d":
+        return 4 * shape[0], "channels"  # weight, bias, running mean and variance
+    return 0, "channels"
+
+
+def _check_sizes(fail: str, layer: LayerSpec, shape: tuple[int, ...], out: tuple[int, ...], total: int) -> int:
+    """Refuse a layer that takes the model past MAX_PARAMETERS or whose map of one image passes
+    MAX_MAP_BYTES; return the model's parameter count so far."""
+    count, key = _parameters(layer, shape)
+    total += count
+    if total > MAX_PARAMETERS:
+        setting, advice = _setting(layer, key)
+        raise SpecError(
+            f"{fail}: {setting} gives the model {total} parameters, more than fmap's limit of "
+            f"{MAX_PARAMETERS} (2**31){advice}"
+        )
+    if 4 * math.prod(out) > MAX_MAP_BYTES:
+        key = {"conv2d": "out_channels", "linear": "out_features"}.get(layer.type, "padding")
+        if len(out) == 3 and out[1] * out[2] * shape[0] > shape[1] * shape[2] * out[0]:
+            key = "padding"  # the map grew more in space than in channels: only padding does that
+        setting, advice = _setting(layer, key)
+        raise SpecError(f"{fail}: {setting} {_too_big(out, 'map')}{advice}")
+    return total
+
+
+def _too_big(shape: tuple[int, ...], what: str) -> str:
+    gib = 4 * math.prod(shape) / 2**30
+    shown = "x".join(map(str, shape))
+    return f"makes a {shown} {what}, {gib:.1f} GiB per image, more than fmap's limit of {MAX_MAP_BYTES // 2**30} GiB"
 
 
 def geometry(spec: ModelSpec, size: tuple[int, int] | None = None, file: str | None = None) -> list[LayerGeometry]:
@@ -324,12 +385,18 @@ def geometry(spec: ModelSpec, size: tuple[int, int] | None = None, file: str | N
 
     Raises:
         SpecError: a layer does not fit its input (e.g. kernel larger than the map, or linear
-            before flatten); the message names the layer and the input size.
+            before flatten), or is absurdly large (see MAX_PARAMETERS, MAX_MAP_BYTES); the message
+            names the layer and the key, or the input size.
     """
     size = size or spec.input.size
     where = file or spec.source
     shape: tuple[int, ...] = (3, *size)
+    if 4 * math.prod(shape) > MAX_MAP_BYTES:
+        raise SpecError(
+            f"{where}: [input]: size = [{size[0]}, {size[1]}] {_too_big(shape, 'input')}; use a smaller size"
+        )
     receptive = Geometry()
+    total = 0
     result = []
     for layer in spec.layers:
         p = layer.params
@@ -366,6 +433,7 @@ def geometry(spec: ModelSpec, size: tuple[int, int] | None = None, file: str | N
             receptive = Geometry.whole(size)
         else:  # linear
             out = (p["out_features"],)
+        total = _check_sizes(fail, layer, shape, out, total)
         if layer.channel_descriptions and len(layer.channel_descriptions) != out[0]:
             raise SpecError(
                 f"{fail}: channel_descriptions has {len(layer.channel_descriptions)} entries for {out[0]} channels"
