@@ -50,7 +50,8 @@ class LayerStats:
         a = self.activation
         if a is None:
             return np.zeros(self.preactivation.min.shape, dtype=bool)
-        return (a.min == 0) & (a.max == 0)
+        dead: np.ndarray = (a.min == 0) & (a.max == 0)
+        return dead
 
 
 def layer_stats(group: h5py.Group) -> LayerStats:

@@ -1,16 +1,14 @@
-"""Pillow helpers shared by the pictures of ``fmap render``: text, legend strips, stacking, saving."""
+"""Pillow helpers shared by the pictures of ``fmap render``: text, legend strips, stacking.
+
+Saving goes through ``store.atomic`` (``render.render_png``), like every file fmap writes.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-
-from .errors import FmapError, UsageError
 
 BACKGROUND = (255, 255, 255)
 INK = (0, 0, 0)
@@ -83,27 +81,4 @@ def stack(parts: list[Image.Image]) -> Image.Image:
     for part in parts:
         out.paste(part, (0, y))
         y += part.height
-    return out
-
-
-def save_png(picture: Image.Image, out: Path, overwrite: bool = False) -> Path:
-    """Write ``picture`` to ``out`` as PNG: under a hidden temporary name, renamed when complete.
-
-    Raises:
-        UsageError: ``out`` exists (without ``overwrite``) or its directory does not.
-        FmapError: the file cannot be written.
-    """
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out}: already exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise UsageError(f"{out}: directory {out.parent} does not exist")
-    tmp = out.with_name(f".{out.name[:200]}.{os.getpid()}.partial")
-    try:
-        picture.save(tmp, format="PNG")
-        tmp.replace(out)
-    except OSError as exc:
-        raise FmapError(f"{out}: cannot write: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
     return out

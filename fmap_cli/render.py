@@ -15,11 +15,12 @@ from PIL import Image, ImageDraw
 
 from . import colormaps
 from .analysis import layer_stats
-from .drawing import BACKGROUND, LINE_H, RED, LegendLine, fit, legend, save_png, stack, write
-from .errors import UsageError, did_you_mean
+from .drawing import BACKGROUND, LINE_H, RED, LegendLine, fit, legend, stack, write
+from .errors import FmapError, UsageError, did_you_mean
 from .receptive import overlay, top_patches
 from .store import schema
-from .store.reader import check_channel, layer_group, reading
+from .store.atomic import AtomicOutput, check_target
+from .store.reader import check_channel, layer_group, printable, reading
 
 ROLES = ("activation", "preactivation", "both")
 SCALES = ("tile", "layer")
@@ -98,7 +99,7 @@ def image_index(f: h5py.File, image: str) -> int:
     ]
     if len(matches) != 1:
         why = "matches several images" if matches else "is not an image in this file"
-        hint = did_you_mean(image, paths)
+        hint = printable(did_you_mean(image, paths))  # a stored path: untrusted text
         raise UsageError(f"--image {image!r} {why}; {hint}give an index 0..{len(paths) - 1} or a stored path")
     return matches[0]
 
@@ -115,11 +116,23 @@ def default_output(options: RenderOptions) -> Path:
 
 
 def render_png(options: RenderOptions, out: Path | None = None, overwrite: bool = False) -> Path:
-    """Render and write the PNG (atomically); returns its path (``default_output`` without ``out``)."""
+    """Render and write the PNG atomically; returns its path (``default_output`` without ``out``).
+
+    Raises:
+        UsageError: ``out`` cannot be published (exists without ``overwrite``, is not a regular
+            file, is the input file, or its directory is missing); see also :func:`render`.
+        FmapError: the PNG could not be written.
+    """
     out = out or default_output(options)
-    if out.exists() and not overwrite:  # before any work; save_png checks again
-        raise UsageError(f"{out}: already exists; pass --overwrite to replace it")
-    return save_png(render(options), out, overwrite)
+    check_target(out, overwrite, [options.file], flag="-o")  # before any work
+    picture = render(options)
+    with AtomicOutput(out, overwrite) as tmp:
+        try:
+            picture.save(tmp.path, format="PNG")
+        except OSError as exc:
+            raise FmapError(f"{out}: cannot write: {exc.strerror or exc}") from None
+        tmp.publish()
+    return out
 
 
 # ---------------------------------------------------------------------------- the channel grid

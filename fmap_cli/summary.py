@@ -19,7 +19,7 @@ import numpy as np
 from .analysis import ChannelSummary, LayerStats, histogram, layer_stats, top_images
 from .errors import UsageError
 from .store import schema
-from .store.reader import check_channel, layer_group, missing_sources, reading
+from .store.reader import check_channel, layer_group, missing_sources, printable, reading
 
 HIST_BINS = 20
 
@@ -129,7 +129,8 @@ class FileSummary:
             out["compression_ratio"] = round(layer.compression_ratio, 4)
             if layer.top is not None:  # JSON keys are strings: a list keeps channels as numbers
                 out["top"] = [{"channel": c, "images": images} for c, images in out["top"].items()]
-        return _finite(data)
+        finite: dict[str, Any] = _finite(data)
+        return finite
 
 
 def _finite(value: Any) -> Any:
@@ -314,7 +315,9 @@ def format_summary(summary: FileSummary) -> str:
     lines.append("layers:")
     for layer in summary.layers:
         lines += _layer_lines(layer)
-    return "\n".join(lines)
+    # stored text (paths, names) is untrusted: escape control characters line by line, so none
+    # reaches the terminal and a stored newline cannot fake a line of the report
+    return "\n".join(printable(line) for line in lines)
 
 
 def _layer_lines(layer: LayerSummary) -> list[str]:

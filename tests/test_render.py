@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +12,14 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
+from conftest import extract_options
 from crafted import craft
 from PIL import Image
 
 from fmap_cli import colormaps
 from fmap_cli.cli import cli
 from fmap_cli.drawing import BACKGROUND, LINE_H, RED
-from fmap_cli.extract import ExtractOptions, extract
+from fmap_cli.extract import extract
 from fmap_cli.receptive import PATCH_SIZE, Geometry, input_picture, upsample
 from fmap_cli.render import GridLayout
 
@@ -99,7 +101,7 @@ def test_grid_of_an_extracted_file_by_image_path(
     tiny_model: Path, images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "maps.h5"
-    extract(ExtractOptions(images=[str(p) for p in images], out=out, model=str(tiny_model), device="cpu"))
+    extract(extract_options([str(p) for p in images], out=out, model=str(tiny_model), device="cpu"))
     picture = render(str(out), "--layer", "conv2", "--image", images[1].name, "-o", str(tmp_path / "p.png"))
     with h5py.File(out, "r") as f:
         channels, h, w = f["layers/conv2/activation"].shape[1:]
@@ -150,7 +152,7 @@ def spot_files(tmp_path: Path) -> tuple[Path, Path]:
     files = []
     for save_input in (True, False):
         out = tmp_path / f"spot{int(save_input)}.h5"
-        extract(ExtractOptions(images=[str(image)], out=out, model=str(spec), device="cpu", save_input=save_input))
+        extract(extract_options([str(image)], out=out, model=str(spec), device="cpu", save_input=save_input))
         files.append(out)
     return files[0], files[1]
 
@@ -283,7 +285,7 @@ def test_overlay_from_another_directory_finds_relative_image_paths(
     """Paths are stored as given (relative here); the file records where extract ran."""
     monkeypatch.chdir(images[0].parent)
     out = tmp_path / "rel.h5"
-    extract(ExtractOptions(images=[images[0].name], out=out, model=str(tiny_model), device="cpu"))
+    extract(extract_options([images[0].name], out=out, model=str(tiny_model), device="cpu"))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -294,3 +296,44 @@ def test_overlay_from_another_directory_finds_relative_image_paths(
     result = CliRunner().invoke(cli, ["render", str(out), "--layer", "conv1", "--overlay", "0", "-o", "o.png"])
     assert result.exit_code == 0, result.output
     assert (elsewhere / "o.png").is_file()
+
+
+# ---------------------------------------------------------------------------- atomic output
+
+
+def test_output_that_is_not_a_regular_file_is_refused(constant_file: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    null = tmp_path / "null.png"  # a link to /dev/null here, so a missing refusal replaces only the link
+    null.symlink_to(os.devnull)
+    for out, kind in ((fifo, "a FIFO"), (null, "a character device")):
+        args = ["render", str(constant_file), "--layer", "conv", "-o", str(out), "--overwrite"]
+        result = CliRunner().invoke(cli, args)
+        assert (result.exit_code, result.stdout) == (2, "")
+        said = f"Error: -o {out}: exists and is not a regular file ({kind}); give a file name"
+        assert result.stderr.splitlines()[-1] == said
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and null.readlink() == Path(os.devnull)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["const.h5", "fifo.png", "null.png"]
+
+
+def test_png_is_made_durable_and_leaves_no_temporary_file(
+    constant_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(str(Path(f"/proc/self/fd/{fd}").readlink()))  # the file's name now
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "pictures" / "grid.png"
+    out.parent.mkdir()
+    for extra in ([], ["--overwrite"]):
+        synced.clear()
+        assert invoke("render", str(constant_file), "--layer", "conv", "-o", str(out), *extra).stdout == f"{out}\n"
+        assert [p.name for p in out.parent.iterdir()] == ["grid.png"]
+        written = [Path(p) for p in synced if Path(p).parent == out.parent]
+        assert [p.name.startswith(".grid.png.") and p.name.endswith(".partial") for p in written] == [True]
+        assert str(out.parent) in synced  # the rename is made durable too
+        Image.open(out).verify()
