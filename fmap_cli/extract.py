@@ -36,7 +36,7 @@ from .store.atomic import check_target, partial_files
 from .store.continuation import appended_list_sha256, check_appendable, find_resumable, fingerprint
 from .store.layout import Storage, encode_root
 from .store.rows import Batch
-from .store.writer import BackgroundWriter, MapWriter
+from .store.writer import BackgroundWriter, MapWriter, Seed
 from .verify import verify_pairs
 
 DECODE_AHEAD = 2  # batches decoded ahead of the model per worker thread (memory: O(batch), not O(images))
@@ -127,10 +127,9 @@ def preprocessing_for(spec: InputSpec, size: tuple[int, int] | None, no_resize: 
 
 @dataclass(frozen=True)
 class _Continued:
-    """How this run relates to earlier ones: a new file, seeded or not, or an in-place append."""
+    """How this run relates to earlier ones: a new file, seeded (--resume, --append) or not."""
 
-    append: bool = False  # add to the finished OUT in place
-    seed: Path | None = None  # a new file starts with the images already in this one
+    seed: Seed | None = None  # a new file starts with the images already in this one
     overwrite: bool = False  # the new file may replace OUT
     handled: frozenset[int] = frozenset()  # input-list positions the seed already handled
     replaces: Path | None = None  # a killed run's temporary file, removed once seeded
@@ -284,11 +283,8 @@ def run(
     log(f"model {model.name} ({model.source}) on {planned.device}; layers {', '.join(planned.names)}")
     net = model.module.to(planned.device)
     records = layer_records(model, planned.layers, planned.names)
-    if continued.append:
-        writer = MapWriter.append_to(options.out, records, planned.attrs, options.storage)
-    else:
-        writer = MapWriter.create(options.out, records, planned.attrs, options.storage, planned.input_shape,
-                                  overwrite=continued.overwrite, seed=continued.seed)  # fmt: skip
+    writer = MapWriter.create(options.out, records, planned.attrs, options.storage, planned.input_shape,
+                              overwrite=continued.overwrite, seed=continued.seed)  # fmt: skip
     failures = list(planned.failures)
     try:
         verified = 0
@@ -362,7 +358,7 @@ def _verify(writer: MapWriter, log: Callable[[str], None]) -> int:
 def _kept(writer: MapWriter, options: ExtractOptions) -> str:
     """What an interrupted run leaves, and how to continue it."""
     if writer.appending:
-        return f"{options.out} is marked incomplete (complete=0); rerun the same command (with --append) to finish it"
+        return f"{options.out} is unchanged; rerun the same command to append"
     if writer.n_images and writer.path.exists():
         return f"{writer.n_images} images kept in {writer.path}; rerun the same command with --resume to continue"
     return "no output written"
@@ -397,15 +393,12 @@ def _continuation(
         attrs["n_inputs"] = previous.n_inputs + len(options.inputs.images)
         attrs["input_list_sha256"] = appended_list_sha256(previous.list_sha256, list_sha256)
         attrs["input_lists"] = [*previous.input_lists, {"sha256": list_sha256, "n_inputs": len(options.inputs.images)}]
-        if previous.complete:
-            return _Continued(append=True, offset=previous.n_inputs)
-        log(f"--append: {options.out} was left incomplete by an interrupted append; rebuilding it from its images")
-        return _Continued(seed=options.out, overwrite=True, offset=previous.n_inputs, handled=previous.handled)
+        return _Continued(seed=Seed(options.out, finished=True), overwrite=True, offset=previous.n_inputs)
     if continuation.resume:
         found = find_resumable(options.out, ours, list_sha256, work, log)
         if found is not None:
-            return _Continued(seed=found.path, overwrite=overwrite, handled=found.handled, replaces=found.path,
-                              earlier=found.failures)  # fmt: skip
+            seed = Seed(found.path, finished=False)
+            return _Continued(seed, overwrite, found.handled, replaces=found.path, earlier=found.failures)
     return _Continued(overwrite=overwrite)
 
 

@@ -884,9 +884,10 @@ def test_append_reports_images_written_by_this_run(tmp_path: Path, tiny_model: P
     assert json.loads(result.stdout)["images_written"] == 2
 
 
-def test_interrupted_append_rerun_finishes_without_duplicates(tmp_path: Path, tiny_model: Path) -> None:
-    """An --append stopped part-way leaves OUT incomplete; rerunning the same command (as its
-    message says) must give old + new images, each once, with indices continuing after the old list."""
+def test_interrupted_append_leaves_out_unchanged_and_rerun_appends_once(tmp_path: Path, tiny_model: Path) -> None:
+    """An --append stopped part-way leaves OUT exactly as it was (the appended file is built beside
+    it); rerunning the same command (as its message says) gives old + new images, each once, with
+    indices continuing after the old list."""
     old = photos(tmp_path / "imgs", 3)
     new = photos(tmp_path / "imgs", 4, start=10)
     out = tmp_path / "out.h5"
@@ -898,11 +899,12 @@ def test_interrupted_append_rerun_finishes_without_duplicates(tmp_path: Path, ti
         polls += 1
         return signal.SIGTERM if polls >= 4 else None  # after 2 batches of 1
 
+    before = out.read_bytes()
     options = extract_options([str(p) for p in new], out=out, model=str(tiny_model), batch_size=1, append=True)
-    with pytest.raises(StoppedError, match="--append"):
+    with pytest.raises(StoppedError) as stopped:
         pipeline.extract(options, stop_requested=stop)
-    with h5py.File(out, "r") as f:
-        assert int(f.attrs["complete"]) == 0  # never looks finished
+    assert str(stopped.value) == f"interrupted by signal 15; {out} is unchanged; rerun the same command to append"
+    assert out.read_bytes() == before and not partials(out)
     ok(extract(new, tiny_model, out, "--append"))
     assert stored_paths(out) == [str(p) for p in (*old, *new)]
     assert stored_index(out) == list(range(7))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +14,11 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_SPEC, make_photo, tiny_weights
+from conftest import REPO, TINY_SPEC, extract_options, make_photo, tiny_weights
 
 from fmap_cli.cli import cli
 from fmap_cli.errors import FmapFileError, UsageError
-from fmap_cli.extract import ExtractOptions, extract
+from fmap_cli.extract import extract
 from fmap_cli.inputs import Shard
 from fmap_cli.store import merge as merging
 from fmap_cli.store.merge import merge_shards, pool_channel_stats
@@ -39,8 +41,8 @@ class Job:
 
     def run(self, out: Path, shard: tuple[int, int] | None = None, images: list[str] | None = None, **options) -> Path:
         extract(
-            ExtractOptions(
-                images=images or self.photos,
+            extract_options(
+                images or self.photos,
                 out=out,
                 model=str(self.model),
                 shard=Shard(*shard) if shard else None,
@@ -374,3 +376,89 @@ def test_cli_merge_errors(shards: list[Path], tmp_path: Path) -> None:
     result = runner.invoke(cli, ["merge", "-o", str(tmp_path / "x.h5")])
     assert result.exit_code == 2 and "Missing argument 'SHARDS...'" in result.stderr
     assert not (tmp_path / "x.h5").exists()
+
+
+# ---------------------------------------------------------------------------- damaged shard attributes
+
+
+def _damage_shard(path: Path, attrs: dict[str, object], dataset: str | None = None) -> None:
+    with h5py.File(path, "r+") as f:
+        for key, value in attrs.items():
+            if value is None:
+                del f.attrs[key]
+            else:
+                f.attrs[key] = value
+        if dataset is not None:
+            del f[dataset]
+
+
+@pytest.mark.parametrize(
+    ("attrs", "dataset", "says"),
+    [
+        ({"shard_count": None}, None, "no attribute 'shard_count'"),
+        ({"n_inputs": None}, None, "no attribute 'n_inputs'"),
+        ({"input_list_sha256": None}, None, "no attribute 'input_list_sha256'"),
+        ({}, "images/index", "/images/index is missing"),
+        ({"shard_count": np.int64(0)}, None, "attribute 'shard_count' is 0, not a count (an integer >= 1)"),
+        ({"shard_count": np.int64(-3)}, None, "attribute 'shard_count' is -3, not a count (an integer >= 1)"),
+        ({"shard_count": "3"}, None, "attribute 'shard_count' is '3', not a count (an integer >= 1)"),
+        ({"shard_index": np.int64(3)}, None, "attribute 'shard_index' is 3, not one of 0..2 (shard_count is 3)"),
+        ({"shard_index": np.int64(-1)}, None, "attribute 'shard_index' is -1, not one of 0..2 (shard_count is 3)"),
+        ({"n_inputs": np.int64(-12)}, None, "attribute 'n_inputs' is -12, not a count (an integer >= 0)"),
+        ({"input_list_sha256": np.int64(7)}, None, "attribute 'input_list_sha256' is 7, not text"),
+    ],
+)
+def test_damaged_shard_attributes(
+    shards: list[Path], tmp_path: Path, attrs: dict[str, object], dataset: str | None, says: str
+) -> None:
+    _damage_shard(shards[1], attrs, dataset)
+    with pytest.raises(FmapFileError) as caught:
+        merge_shards(shards, tmp_path / "all.h5")
+    assert str(caught.value) == f"{shards[1]}: damaged shard: {says}"
+    result = CliRunner().invoke(cli, ["merge", *map(str, shards), "-o", str(tmp_path / "all.h5")])
+    assert (result.exit_code, result.stdout, result.stderr) == (1, "", f"Error: {shards[1]}: damaged shard: {says}\n")
+    assert not (tmp_path / "all.h5").exists()
+
+
+def test_shard_index_of_the_wrong_type(shards: list[Path], tmp_path: Path) -> None:
+    _damage_shard(shards[0], {"shard_index": np.array([0, 1])})
+    result = CliRunner().invoke(cli, ["merge", *map(str, shards), "-o", str(tmp_path / "all.h5")])
+    assert (result.exit_code, result.stderr) == (
+        1,
+        f"Error: {shards[0]}: damaged shard: attribute 'shard_index' is [0, 1], not one of 0..2 (shard_count is 3)\n",
+    )
+
+
+def _brute_force_missing(shards: list[merging.ShardFile]) -> list[str]:
+    """The shares no shard covers, by visiting every share (the definition)."""
+    first = shards[0]
+    given = {s.shard.index for s in shards}
+    every = [
+        merging.ShardFile(Path(), Shard(k, first.shard.count), 0, first.n_inputs) for k in range(first.shard.count)
+    ]
+    return [m.describe() for m in every if m.shard.index not in given and len(m.share())]
+
+
+def test_missing_shares_visits_only_shares_with_images() -> None:
+    for count in range(1, 9):
+        for n_inputs in range(10):
+            for given in ({0}, {count - 1}, {0, count // 2}):
+                shards = [merging.ShardFile(Path(f"{k}.h5"), Shard(k, count), 0, n_inputs) for k in sorted(given)]
+                assert merging.missing_shares(shards) == _brute_force_missing(shards), (count, n_inputs, given)
+
+
+def test_missing_shares_of_a_huge_claimed_count_returns_at_once() -> None:
+    """A shard file may claim any shard_count: listing its missing shares must not visit them all."""
+    code = (
+        "from pathlib import Path; from fmap_cli.inputs import Shard; from fmap_cli.store.merge import ShardFile, "
+        "missing_shares; print(missing_shares([ShardFile(Path('a.h5'), Shard(0, 10**12), 1, 10**12)])[-2:]); "
+        "print(missing_shares([ShardFile(Path('a.h5'), Shard(5, 10**12), 0, 3)]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"['shard {merging.MISSING_LISTED}/{10**12} (images {merging.MISSING_LISTED}-{merging.MISSING_LISTED} "
+        f"of {10**12})', '{10**12 - 1 - merging.MISSING_LISTED} more shares']",
+        "['shard 333333333333/1000000000000 (images 0-0 of 3)', 'shard 666666666666/1000000000000 (images 1-1 of 3)', "
+        "'shard 999999999999/1000000000000 (images 2-2 of 3)']",
+    ]

@@ -25,14 +25,14 @@ import torch
 import torch.nn.functional as F
 import zoo
 from click.testing import CliRunner, Result
-from conftest import REPO, make_photo
+from conftest import REPO, extract_options, make_photo
 from PIL import Image
 from torch import nn
 
 from fmap_cli.capture import LayerInfo, capture, discover
 from fmap_cli.cli import cli
 from fmap_cli.errors import ModelError, UnknownLayerError
-from fmap_cli.extract import ExtractOptions, extract
+from fmap_cli.extract import extract
 from fmap_cli.layers import select_layers
 from fmap_cli.models import load_model, parse_model_args, state_sha256
 
@@ -161,8 +161,8 @@ def resnet_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(REPO)
         extract(
-            ExtractOptions(
-                images=paths,
+            extract_options(
+                paths,
                 out=out,
                 model=f"{ZOO}:resnet18",
                 layers=RESNET_LAYERS,
@@ -439,8 +439,8 @@ def test_branchy_model_through_extract(tmp_path: Path, monkeypatch: pytest.Monke
     Image.new("RGB", (12, 12), (5, 10, 0)).save(black)
     out = tmp_path / "branchy.h5"
     extract(
-        ExtractOptions(
-            images=[str(black), str(white)],
+        extract_options(
+            [str(black), str(white)],
             out=out,
             model=f"{ZOO}:branchy",
             batch_size=1,
@@ -493,8 +493,8 @@ def test_pt2_gives_the_same_maps_as_the_eager_model(
         out = tmp_path / f"{Path(source).stem}.h5"
         # batch size 3: not the export example's 2
         extract(
-            ExtractOptions(
-                images=images,
+            extract_options(
+                images,
                 out=out,
                 model=source,
                 layers=PT2_LAYERS,
@@ -797,8 +797,8 @@ def test_inplace_flags_and_hooks_after_extract(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setitem(sys.modules, "fmap_test_factories", fake)
     images = write_images(tmp_path / "img", 1)
     extract(
-        ExtractOptions(
-            images=images,
+        extract_options(
+            images,
             out=tmp_path / "o.h5",
             model="fmap_test_factories:make",
             layers=["layer1.0.conv2"],
@@ -912,8 +912,8 @@ def test_weights_formats_give_identical_maps(tmp_path: Path, monkeypatch: pytest
         weights = save_weights(state, tmp_path / f"w{suffix}")
         out = tmp_path / f"out{suffix}.h5"
         extract(
-            ExtractOptions(
-                images=images,
+            extract_options(
+                images,
                 out=out,
                 model=f"{ZOO}:resnet18",
                 weights=str(weights),
@@ -1229,7 +1229,7 @@ def test_default_layers_are_the_convs_paired_with_a_nonlinearity(
     monkeypatch.chdir(REPO)
     out = tmp_path / "default.h5"
     images = write_images(tmp_path / "img", 1)
-    extract(ExtractOptions(images=images, out=out, model=f"{ZOO}:resnet18", device="cpu", size=SIZE))
+    extract(extract_options(images, out=out, model=f"{ZOO}:resnet18", device="cpu", size=SIZE))
     model = zoo.resnet18()
     layers = discover(model, torch.zeros(1, 3, 64, 64))
     with h5py.File(out, "r") as f:

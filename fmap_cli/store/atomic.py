@@ -123,6 +123,13 @@ def _kind(path: Path) -> str | None:
     return "not a regular file"
 
 
+def busy(path: Path) -> FmapError:
+    """The error for a file another fmap run holds (names the process when its name tells)."""
+    pid = writer_pid(path)
+    by = f" (process {pid})" if pid else ""
+    return FmapError(f"{path}: in use by another fmap run{by}; wait for it to finish")
+
+
 def lock(path: Path) -> int:
     """Take the exclusive lock of an existing file ``path``; returns the descriptor holding it.
 
@@ -134,11 +141,16 @@ def lock(path: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        pid = writer_pid(path)
-        by = f" (process {pid})" if pid else ""
-        raise FmapError(f"{path}: in use by another fmap run{by}; wait for it to finish") from None
+        raise busy(path) from None
     except OSError:  # no locks on this file system: go on unlocked
         pass
+    try:
+        replaced = os.fstat(fd).st_ino != path.stat().st_ino
+    except OSError:
+        replaced = True
+    if replaced:  # another run published a new file there while this one waited for the old one
+        os.close(fd)
+        raise busy(path)
     return fd
 
 
@@ -186,6 +198,11 @@ class AtomicOutput:
     def keep(self) -> None:
         """Leave the temporary file in place when the block ends unpublished."""
         self._keep = True
+
+    @property
+    def kept(self) -> bool:
+        """The temporary file stays when the block ends unpublished."""
+        return self._keep
 
     def publish(self) -> None:
         """fsync the finished file, give it its final name, fsync the directory.

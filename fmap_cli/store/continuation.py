@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import FmapError, FmapFileError, UsageError, first_line
 from ..images import Failure
 from . import schema
-from .atomic import in_use, partial_files, writer_pid
+from .atomic import busy, in_use, partial_files, writer_pid
 
 # What must match for maps to belong in one file, with the words used when one differs.
 FINGERPRINT = {
@@ -138,36 +138,32 @@ def _file_sha256(path: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class Appendable:
-    """A file new images can be added to."""
+    """A finished file new images can be added to."""
 
     n_inputs: int  # positions of new images continue from here
     list_sha256: str
-    complete: bool  # False: an earlier --append was interrupted; the file is rebuilt from its flushed images
-    input_lists: list[dict[str, Any]]  # the lists that added images before this append (see schema)
-    handled: frozenset[int] = frozenset()  # positions in the new list that interrupted append handled
+    input_lists: list[dict[str, Any]]  # the lists that added images so far (see the schema)
+    new_sha256: str  # the list this run would append
 
     @property
     def done_before(self) -> bool:
         """This list already added its images to the file (a finished append run again)."""
-        return self.complete and any(entry.get("sha256") == self.new_sha256 for entry in self.input_lists)
-
-    new_sha256: str = ""  # the new list's own fingerprint
+        return any(entry.get("sha256") == self.new_sha256 for entry in self.input_lists)
 
 
 def check_appendable(out: Path, ours: Mapping[str, str], list_sha256: str) -> Appendable:
-    """Check that ``out`` is an fmap file made the same way as this run.
-
-    A file an interrupted ``--append`` left incomplete is accepted when this is the same append
-    (the same new list): what it handled is skipped, and its flushed images are copied into a new
-    file, which replaces it when the append is done.
+    """Check that ``out`` is a finished fmap file made the same way as this run.
 
     Raises:
-        UsageError: missing, not fmap, made differently (names what differs), or incomplete for
-            another reason.
+        UsageError: missing, not fmap, another schema version, made differently (names what
+            differs), or incomplete.
+        FmapError: another fmap run is writing it.
         FmapFileError: a damaged fmap file (an attribute or dataset missing or of the wrong type).
     """
     if not out.is_file():
         raise UsageError(f"--append: {out} does not exist or is not a regular file; run without --append to create it")
+    if in_use(out):
+        raise busy(out)
     try:
         with h5py.File(out, "r") as f:
             if "fmap_schema_version" not in f.attrs:
@@ -177,14 +173,17 @@ def check_appendable(out: Path, ours: Mapping[str, str], list_sha256: str) -> Ap
                     f"--append: {out} has schema version {int(f.attrs['fmap_schema_version'])}, this fmap "
                     f"writes {schema.SCHEMA_VERSION}; write a new file instead"
                 )
+            for key in ("n_images", "n_inputs", "input_list_sha256"):
+                if key not in f.attrs:
+                    raise FmapFileError(f"--append: {out} is a damaged fmap file: attribute '{key}' is missing")
+            if int(f.attrs.get("complete", 0)) != 1:
+                raise UsageError(
+                    f"--append: {out} is incomplete (complete=0); finish the run that wrote it with --resume"
+                )
             theirs = file_fingerprint(f)
-            complete = int(f.attrs.get("complete", 0)) == 1
-            base = json.loads(str(f.attrs["append_base"])) if "append_base" in f.attrs else None
             n_inputs = int(f.attrs["n_inputs"])
-            int(f.attrs["n_images"])
             list_hash = str(f.attrs["input_list_sha256"])
             lists = json.loads(str(f.attrs["input_lists"])) if "input_lists" in f.attrs else None
-            done = [*f["images/index"][...].tolist(), *(f["failures/index"][...].tolist() if "failures" in f else [])]
     except OSError:
         raise UsageError(f"--append: {out} is not a readable HDF5 file") from None
     except (KeyError, ValueError, TypeError) as exc:
@@ -192,19 +191,8 @@ def check_appendable(out: Path, ours: Mapping[str, str], list_sha256: str) -> Ap
     differ = differences(theirs, ours)
     if differ:
         raise UsageError(f"--append: {out} differs from this run in: {'; '.join(differ)}; write a new file instead")
-    if complete:
-        lists = lists if lists is not None else [{"sha256": list_hash, "n_inputs": n_inputs}]
-        return Appendable(n_inputs, list_hash, True, lists, new_sha256=list_sha256)
-    if base is None:
-        raise UsageError(f"--append: {out} is incomplete (complete=0); finish the run that wrote it with --resume")
-    if appended_list_sha256(base["input_list_sha256"], list_sha256) != list_hash:
-        raise UsageError(
-            f"--append: {out} was left incomplete by an --append of other images; rerun that command to finish it"
-        )
-    start = int(base["n_inputs"])
-    handled = frozenset(i - start for i in done if i >= start)
-    before = base.get("input_lists") or [{"sha256": base["input_list_sha256"], "n_inputs": start}]
-    return Appendable(start, base["input_list_sha256"], False, before, handled, new_sha256=list_sha256)
+    lists = lists if lists is not None else [{"sha256": list_hash, "n_inputs": n_inputs}]
+    return Appendable(n_inputs, list_hash, lists, list_sha256)
 
 
 def appended_list_sha256(previous: str, added: str) -> str:

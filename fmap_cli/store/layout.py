@@ -116,19 +116,26 @@ def set_attrs(obj: h5py.HLObject, **values: Any) -> None:
         obj.attrs[name] = encode(schema.attr_for(obj.name, name).dtype, value)
 
 
-def create_dataset(parent: h5py.Group, name: str, **options: Any) -> h5py.Dataset:
-    """``parent.create_dataset(name, **options)`` for a dataset the schema documents."""
+def create_dataset(parent: h5py.Group, name: str, keep: list[Any] | None = None, **options: Any) -> h5py.Dataset:
+    """``parent.create_dataset(name, **options)`` for a dataset the schema documents; appended to
+    ``keep`` when given (see :func:`create_layout`)."""
     schema.node_for(f"{parent.name.rstrip('/')}/{name}")
-    return parent.create_dataset(name, **options)
+    ds = parent.create_dataset(name, **options)
+    if keep is not None:
+        keep.append(ds)
+    return ds
 
 
-def create_group(parent: h5py.Group, name: str) -> h5py.Group:
-    """``parent.create_group(name)`` for a group the schema documents."""
+def create_group(parent: h5py.Group, name: str, keep: list[Any] | None = None) -> h5py.Group:
+    """``parent.create_group(name)`` for a group the schema documents; appended to ``keep`` when given."""
     schema.node_for(f"{parent.name.rstrip('/')}/{name}")
-    return parent.create_group(name)
+    group = parent.create_group(name)
+    if keep is not None:
+        keep.append(group)
+    return group
 
 
-def growing(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:
+def growing(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any, keep: list[Any]) -> h5py.Dataset:
     """A dataset along N (resizable, on the N scale) with rows of ``shape``.
 
     Chunks hold as many rows as fit in ROW_CHUNK_BYTES (at least one): HDF5 allocates a whole
@@ -137,7 +144,9 @@ def growing(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any) ->
     """
     row_bytes = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
     rows = max(1, min(1024, ROW_CHUNK_BYTES // max(1, row_bytes)))
-    ds = create_dataset(group, name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(rows, *shape))
+    ds = create_dataset(
+        group, name, keep, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(rows, *shape)
+    )
     ds.dims[0].attach_scale(group.file["N"])
     ds.dims[0].label = "N"
     return ds
@@ -149,8 +158,12 @@ def create_layout(
     attrs: Mapping[str, Any],
     input_shape: tuple[int, int, int] | None,
     storage: Storage,
-) -> None:
+) -> list[Any]:
     """Create every node of an empty fmap file (no images yet; ``complete`` = 0).
+
+    Returns every group and dataset created, for the caller to keep open until it closes the
+    file: HDF5 writes when an object is closed, and a write that fails there (disk full) is one
+    h5py can only print, never raise.
 
     Args:
         f: a new, empty file open for writing.
@@ -172,22 +185,24 @@ def create_layout(
         storage=storage.describe(),
     )
     set_attrs(f, **attrs)
-    n_scale = create_dataset(f, "N", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(ROW_CHUNK_BYTES // 8,))
+    keep: list[Any] = []
+    n_scale = create_dataset(f, "N", keep, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(ROW_CHUNK_BYTES // 8,))
     n_scale.make_scale("N")
-    images = create_group(f, schema.IMAGES)
+    images = create_group(f, schema.IMAGES, keep)
     for name, dtype, shape in (("path", STR, ()), ("sha256", STR, ()), ("original_size", np.int64, (2,)),
                                ("index", np.int64, ())):  # fmt: skip
-        growing(images, name, shape, dtype)
+        growing(images, name, shape, dtype, keep)
     if input_shape is not None:
-        _create_scales(f, input_shape)
-        _create_map(f, schema.INPUT, input_shape, (None, 0), np.dtype(np.float32))
-    group = create_group(f, schema.LAYERS)
+        _create_scales(f, input_shape, keep)
+        _create_map(f, schema.INPUT, input_shape, (None, 0), np.dtype(np.float32), keep)
+    group = create_group(f, schema.LAYERS, keep)
     for layer in layers:
-        _create_layer(group, layer, storage)
+        _create_layer(group, layer, storage, keep)
+    return keep
 
 
-def _create_layer(parent: h5py.Group, layer: LayerRecord, storage: Storage) -> None:
-    group = create_group(parent, layer.name)
+def _create_layer(parent: h5py.Group, layer: LayerRecord, storage: Storage, keep: list[Any]) -> None:
+    group = create_group(parent, layer.name, keep)
     set_attrs(
         group,
         type=layer.type,
@@ -208,10 +223,10 @@ def _create_layer(parent: h5py.Group, layer: LayerRecord, storage: Storage) -> N
         set_attrs(group, note=schema.NO_ACTIVATION_NOTE)
     if layer.channel_descriptions:
         set_attrs(group, channel_descriptions=layer.channel_descriptions)
-    _create_scales(group, layer.output_shape)
+    _create_scales(group, layer.output_shape, keep)
     dtype = np.dtype(storage.dtype)
     if storage.stores(layer, schema.PREACTIVATION):
-        z = _create_map(group, schema.PREACTIVATION, layer.output_shape, storage.preactivation, dtype)
+        z = _create_map(group, schema.PREACTIVATION, layer.output_shape, storage.preactivation, dtype, keep)
         set_attrs(
             z,
             role=schema.PREACTIVATION,
@@ -220,7 +235,7 @@ def _create_layer(parent: h5py.Group, layer: LayerRecord, storage: Storage) -> N
             description=schema.preactivation_description(layer.name, layer.type, layer.nonlinearity),
         )
     if storage.stores(layer, schema.ACTIVATION):
-        a = _create_map(group, schema.ACTIVATION, layer.output_shape, storage.activation, dtype)
+        a = _create_map(group, schema.ACTIVATION, layer.output_shape, storage.activation, dtype, keep)
         set_attrs(
             a,
             role=schema.ACTIVATION,
@@ -230,16 +245,16 @@ def _create_layer(parent: h5py.Group, layer: LayerRecord, storage: Storage) -> N
             long_name=f"activation a = {layer.nonlinearity}(z) of {layer.name}",
             description=schema.activation_description(layer.name, layer.nonlinearity),
         )
-    stats = create_group(group, schema.STATS)
+    stats = create_group(group, schema.STATS, keep)
     set_attrs(stats, role=schema.ACTIVATION if layer.has_activation else schema.PREACTIVATION)
     channels = layer.output_shape[0]
     for name in schema.IMAGE_STATS:
-        growing(stats, name, (channels,), np.float32)
-    growing(stats, schema.IMAGE_ARGMAX, (channels, 2), np.int64)
+        growing(stats, name, (channels,), np.float32, keep)
+    growing(stats, schema.IMAGE_ARGMAX, (channels, 2), np.int64, keep)
 
 
 def _create_map(
-    group: h5py.Group, name: str, shape: tuple[int, ...], codec: Codec, dtype: np.dtype[Any]
+    group: h5py.Group, name: str, shape: tuple[int, ...], codec: Codec, dtype: np.dtype[Any], keep: list[Any]
 ) -> h5py.Dataset:
     options: dict[str, Any] = {}
     if codec[0] is not None:
@@ -249,6 +264,7 @@ def _create_map(
     ds = create_dataset(
         group,
         name,
+        keep,
         shape=(0, *shape),
         maxshape=(None, *shape),
         dtype=dtype,
@@ -264,17 +280,7 @@ def _create_map(
     return ds
 
 
-def _create_scales(group: h5py.Group, shape: tuple[int, ...]) -> None:
+def _create_scales(group: h5py.Group, shape: tuple[int, ...], keep: list[Any]) -> None:
     """Index datasets C, H, W (as many as ``shape`` has) in ``group``, made dimension scales."""
     for dim, length in zip(schema.DIM_NAMES[1:], shape, strict=False):
-        create_dataset(group, dim, data=np.arange(length, dtype=np.int64)).make_scale(dim)
-
-
-def write_channel_stats(stats: h5py.Group, role: str, summary: Mapping[str, np.ndarray]) -> None:
-    """Store (or update) one role's per-channel statistics ``<role>_<name>`` in a stats group."""
-    for name, values in summary.items():
-        key = f"{role}_{name}"
-        if key in stats:
-            stats[key][...] = values
-        else:
-            create_dataset(stats, key, data=np.asarray(values, dtype=np.float64))
+        create_dataset(group, dim, keep, data=np.arange(length, dtype=np.int64)).make_scale(dim)

@@ -30,7 +30,7 @@ from .atomic import AtomicOutput, check_target
 from .chunks import copy_rows
 from .continuation import differences, file_fingerprint
 from .layout import set_attrs
-from .reader import open_fmap
+from .reader import int_attr, open_fmap, printable, shown_value
 from .stats import SUMMARY, ChannelStats
 
 # Attributes the HDF5 dimension-scale API owns (they hold references into their own file).
@@ -99,13 +99,13 @@ def merge_shards(
         FmapFileError: a file that is not a complete fmap shard.
     """
     started = time.perf_counter()
+    check_target(out, overwrite, paths)
     shards = check_shards([Path(p) for p in paths])
     missing = missing_shares(shards)
     if missing and not allow_missing:
         raise UsageError(f"missing {'; '.join(missing)}; pass --allow-missing to merge the shards given")
     for share in missing:
         log(f"warning: missing {share}: its images are not in {out}")
-    check_target(out, overwrite, [s.path for s in shards])
     raw_bytes = _write(shards, out, virtual, overwrite, command, stop_requested)
     n_images = sum(s.n_images for s in shards)
     return MergeResult(out, n_images, [s.path for s in shards], missing, raw_bytes, time.perf_counter() - started)
@@ -116,26 +116,61 @@ def read_shard(path: Path) -> tuple[ShardFile, dict[str, str]]:
     """A shard file's share and its fingerprint (what must match across the shards of a job).
 
     Raises:
-        FmapFileError: missing, not a complete fmap file, or rows outside its share.
+        FmapFileError: missing, not a complete fmap file, a shard attribute or /images/index
+            missing or out of range (names the file and the attribute), or rows outside its share.
         UsageError: an fmap file made without --shard.
     """
-    with open_fmap(path) as f:
+    with open_fmap(path) as f:  # checks n_images, virtual and the rows along N
         attrs = f.attrs
         if attrs.get("virtual", 0) or "shard_index" not in attrs:
             raise UsageError(f"{path}: not a shard (made without 'fmap extract --shard K/N')")
-        shard = Shard(int(attrs["shard_index"]), int(attrs["shard_count"]))
-        found = ShardFile(path, shard, int(attrs["n_images"]), int(attrs["n_inputs"]))
+        found = _shard_file(f, path)
         ours = {k: v for k, v in file_fingerprint(f).items() if k != "shard"}
-        ours["input list"] = f"{attrs['input_list_sha256']}/{found.n_inputs}"
+        ours["input list"] = f"{_digest(f, path)}/{found.n_inputs}"
         ours["schema"] = str(int(attrs["fmap_schema_version"]))
-        ours["shard count"] = str(shard.count)
-        index = f[f"{schema.IMAGES}/index"][...]
+        ours["shard count"] = str(found.shard.count)
+        index = _positions(f, path)
     share = found.share()
     if len(index) != found.n_images or (len(index) and (index[0] < share.start or index[-1] >= share.stop)):
         raise FmapFileError(f"{path}: damaged shard: its images are not those of {found.describe()}")
     if np.any(np.diff(index) <= 0):
         raise FmapFileError(f"{path}: damaged shard: /images/index is not increasing")
     return found, ours
+
+
+DAMAGED_SHARD = "damaged shard"
+
+
+def _shard_file(f: h5py.File, path: Path) -> ShardFile:
+    """The share a shard file claims, each attribute checked (a shard file is untrusted input)."""
+    shown = printable(str(path))
+    count = int_attr(f, "shard_count", shown, "a count (an integer >= 1)", lambda n: n >= 1, damaged=DAMAGED_SHARD)
+    within = f"one of 0..{count - 1} (shard_count is {count})"
+    k = int_attr(f, "shard_index", shown, within, lambda i: 0 <= i < count, damaged=DAMAGED_SHARD)
+    n_inputs = int_attr(f, "n_inputs", shown, "a count (an integer >= 0)", lambda n: n >= 0, damaged=DAMAGED_SHARD)
+    return ShardFile(path, Shard(k, count), int(f.attrs["n_images"]), n_inputs)
+
+
+def _digest(f: h5py.File, path: Path) -> str:
+    value = f.attrs.get("input_list_sha256")
+    if isinstance(value, bytes | np.bytes_):
+        value = value.decode("utf-8", "backslashreplace")
+    if isinstance(value, str):
+        return value
+    shown = printable(str(path))
+    if value is None:
+        raise FmapFileError(f"{shown}: {DAMAGED_SHARD}: no attribute 'input_list_sha256'")
+    raise FmapFileError(f"{shown}: {DAMAGED_SHARD}: attribute 'input_list_sha256' is {shown_value(value)}, not text")
+
+
+def _positions(f: h5py.File, path: Path) -> np.ndarray:
+    """/images/index: each image's position in the whole input list."""
+    name = f"{schema.IMAGES}/index"
+    ds = f.get(name)
+    if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 or ds.dtype.kind not in "iu":
+        what = "is missing" if ds is None else "is not a list of positions (integers)"
+        raise FmapFileError(f"{printable(str(path))}: {DAMAGED_SHARD}: /{name} {what}")
+    return np.asarray(ds[...], dtype=np.int64)
 
 
 # Fingerprint parts merge adds to resume.FINGERPRINT, with the words used when one differs.
@@ -169,12 +204,28 @@ def check_shards(paths: Sequence[Path]) -> list[ShardFile]:
     return [by_index[k] for k in sorted(by_index)]
 
 
+MISSING_LISTED = 1000  # missing shares named one by one; then one entry counts the rest
+
+
 def missing_shares(shards: Sequence[ShardFile]) -> list[str]:
-    """The shares of the input list no shard covers, e.g. "shard 2/4 (images 50-74 of 100)"."""
+    """The shares of the input list no shard covers, e.g. "shard 2/4 (images 50-74 of 100)", in
+    order; past MISSING_LISTED of them, a last entry "K more shares" counts the rest."""
     first = shards[0]
+    count, n_inputs = first.shard.count, first.n_inputs
     given = {s.shard.index for s in shards}
-    missing = [ShardFile(Path(), Shard(k, first.shard.count), 0, first.n_inputs) for k in range(first.shard.count)]
-    return [m.describe() for m in missing if m.shard.index not in given and len(m.share())]
+    # only min(count, n_inputs) shares hold images; a shard file may claim any count, so visit only
+    # those, and stop after MISSING_LISTED (never a loop over every claimed share)
+    holding = range(count) if count <= n_inputs else ((count * (p + 1) - 1) // n_inputs for p in range(n_inputs))
+    listed: list[str] = []
+    for k in holding:
+        if len(listed) == MISSING_LISTED:
+            break
+        share = ShardFile(Path(), Shard(k, count), 0, n_inputs)
+        if k not in given and len(share.share()):
+            listed.append(share.describe())
+    covered = len({s.shard.index for s in shards if len(s.share())})
+    rest = min(count, n_inputs) - covered - len(listed)
+    return listed + ([f"{rest} more shares"] if rest > 0 else [])
 
 
 # ----------------------------------------------------------------------------- writing

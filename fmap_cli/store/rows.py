@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import FmapError
 from . import schema
 from .chunks import COMPRESSORS, copy_rows, write_rows
-from .layout import STR, LayerRecord, Storage, create_dataset, create_group, safe_text, write_channel_stats
+from .layout import STR, LayerRecord, Storage, create_dataset, create_group, safe_text
 from .stats import ChannelStats, image_stats
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -46,6 +46,7 @@ class RowWriter:
         storage: how maps are stored.
         n_images: rows already in the file.
         stats: running statistics per (layer, role) of those rows.
+        keep: objects to keep open until :meth:`close` (see ``layout.create_layout``).
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class RowWriter:
         storage: Storage,
         n_images: int = 0,
         stats: dict[tuple[str, str], ChannelStats] | None = None,
+        keep: Sequence[Any] = (),
     ) -> None:
         self.f = f
         self.layers = list(layers)
@@ -64,10 +66,23 @@ class RowWriter:
             (layer.name, role): ChannelStats.empty(layer.output_shape[0]) for layer in layers for role in layer.roles
         }
         self._pool = ThreadPoolExecutor(COMPRESSORS, thread_name_prefix="fmap-gzip")
+        # Datasets stay open while writing: closing one flushes its chunk cache, and a write that
+        # fails there (disk full) is one h5py can only print, never raise.
+        self._open: dict[str, h5py.Dataset] = {
+            obj.name.lstrip("/"): obj for obj in keep if isinstance(obj, h5py.Dataset)
+        }
+        self._keep = list(keep)
+
+    def _ds(self, path: str) -> h5py.Dataset:
+        if path not in self._open:
+            self._open[path] = self.f[path]
+        return self._open[path]
 
     def close(self) -> None:
-        """Stop the compression threads (the file stays open)."""
+        """Stop the compression threads (the file stays open, its datasets are let go)."""
         self._pool.shutdown(wait=True)
+        self._open.clear()
+        self._keep.clear()
 
     def append(self, batch: Batch) -> None:
         """Append one batch: image records, maps of every layer, their statistics, and /input;
@@ -80,26 +95,24 @@ class RowWriter:
             ds.resize(stop, axis=0)
             ds[start:stop] = values
 
-        put(f["N"], np.arange(start, stop, dtype=np.int64))
-        put(f["images/path"], [safe_text(p) for p in batch.paths])
-        put(f["images/sha256"], list(batch.sha256))
-        put(f["images/original_size"], batch.original_sizes)
-        put(f["images/index"], np.asarray(batch.indices, dtype=np.int64))
+        put(self._ds("N"), np.arange(start, stop, dtype=np.int64))
+        put(self._ds("images/path"), [safe_text(p) for p in batch.paths])
+        put(self._ds("images/sha256"), list(batch.sha256))
+        put(self._ds("images/original_size"), batch.original_sizes)
+        put(self._ds("images/index"), np.asarray(batch.indices, dtype=np.int64))
         if schema.INPUT in f and batch.pixels is not None:
-            put(f[schema.INPUT], batch.pixels)
+            put(self._ds(schema.INPUT), batch.pixels)
         # each task owns one layer's running statistics
         pending = {layer.name: self._pool.submit(self._layer_stats, layer, batch) for layer in self.layers}
         for layer in self.layers:
-            group = f[schema.LAYERS][layer.name]
             for role, values in zip((schema.PREACTIVATION, schema.ACTIVATION), batch.maps[layer.name], strict=True):
                 if values is not None and self.storage.stores(layer, role):
-                    ds = group[role]
+                    ds = self._ds(f"{schema.LAYERS}/{layer.name}/{role}")
                     ds.resize(stop, axis=0)
                     write_rows(ds, start, self._cast(layer.name, values), self._pool)
         for layer in self.layers:
-            stats = f[schema.LAYERS][layer.name][schema.STATS]
             for name, values in pending[layer.name].result().items():
-                put(stats[name], values)
+                put(self._ds(f"{schema.LAYERS}/{layer.name}/{schema.STATS}/{name}"), values)
             self._write_channel_stats(layer)
         self.n_images = stop
         f.attrs["n_images"] = np.int64(stop)
@@ -124,24 +137,30 @@ class RowWriter:
         return values.astype(np.float16)
 
     def _write_channel_stats(self, layer: LayerRecord) -> None:
-        stats = self.f[schema.LAYERS][layer.name][schema.STATS]
+        stats = f"{schema.LAYERS}/{layer.name}/{schema.STATS}"
         for role in layer.roles:
-            write_channel_stats(stats, role, self.stats[(layer.name, role)].summary())
+            for name, values in self.stats[(layer.name, role)].summary().items():
+                key = f"{stats}/{role}_{name}"
+                if key in self.f:
+                    self._ds(key)[...] = values
+                else:
+                    self._open[key] = create_dataset(self.f[stats], f"{role}_{name}", self._keep, data=values)
 
     def add_failures(self, failures: Sequence[Failure]) -> None:
         """Record images skipped with --skip-bad: (position in the input list, path, reason)."""
         if not failures:
             return
         if schema.FAILURES not in self.f:
-            group = create_group(self.f, schema.FAILURES)
+            group = create_group(self.f, schema.FAILURES, self._keep)
             for name, dtype in (("index", np.int64), ("path", STR), ("reason", STR)):
-                create_dataset(group, name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
-        group = self.f[schema.FAILURES]
-        start = group["index"].shape[0]
+                ds = create_dataset(group, name, self._keep, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
+                self._open[ds.name.lstrip("/")] = ds
+        start = self._ds(f"{schema.FAILURES}/index").shape[0]
         columns = zip(*failures, strict=True)
         for name, values in zip(("index", "path", "reason"), columns, strict=True):
-            group[name].resize(start + len(failures), axis=0)
-            group[name][start:] = [safe_text(v) if isinstance(v, str) else v for v in values]
+            ds = self._ds(f"{schema.FAILURES}/{name}")
+            ds.resize(start + len(failures), axis=0)
+            ds[start:] = [safe_text(v) if isinstance(v, str) else v for v in values]
         self.f.flush()
 
     def sort_failures(self) -> None:
@@ -153,9 +172,13 @@ class RowWriter:
         for name in ("index", "path", "reason"):
             group[name][...] = group[name][...][order]
 
-    def seed_from(self, old: h5py.File) -> None:
+    def seed_from(self, old: h5py.File, stats: dict[tuple[str, str], ChannelStats] | None = None) -> None:
         """Start with the first ``n_images`` images of another file (a killed run's temporary file,
-        or a file an interrupted --append left incomplete), copied chunk by chunk, and its failures.
+        or OUT when appending), copied chunk by chunk, and its failures.
+
+        ``stats``: the running statistics of those images (:func:`stored_stats` of a finished
+        file); None counts them again from the maps, as a killed writer's stored summary may
+        already count a batch that its n_images does not.
 
         The source is only read: HDF5 may crash writing into a file whose writer was killed, while
         everything it flushed reads back intact (../shared/HDF5-NOTES.md section 3).
@@ -175,12 +198,16 @@ class RowWriter:
             self.add_failures(list(zip(*columns, strict=True)))
         self.n_images = n
         self.f.attrs["n_images"] = np.int64(n)
-        self._recount_stats()
+        if stats is None:
+            self._recount_stats()
+        else:
+            self.stats = stats
+            for layer in self.layers:
+                self._write_channel_stats(layer)
         self.f.flush()
 
     def _recount_stats(self) -> None:
-        """Running statistics of the seeded images, recomputed from their maps: a killed writer's
-        stored summary may already count a batch that its n_images does not."""
+        """Running statistics of the seeded images, recomputed from their maps."""
         for layer in self.layers:
             group = self.f[schema.LAYERS][layer.name]
             for role in layer.roles:

@@ -171,12 +171,6 @@ SCHEMA: tuple[Node, ...] = (
             Attr("shard_count", "int64", "N of --shard K/N; absent when not sharded.", False),
             Attr("merged_from", "str[]", "The shard files `fmap merge` combined (merged files only).", False),
             Attr(
-                "append_base",
-                "str (JSON)",
-                "Only while an --append runs (complete = 0): n_inputs and input_list_sha256 before it.",
-                False,
-            ),
-            Attr(
                 "virtual",
                 "int8",
                 "1 for `fmap merge --virtual`: maps are HDF5 virtual datasets over the shards.",

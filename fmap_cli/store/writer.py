@@ -1,20 +1,21 @@
-"""Write an fmap file batch by batch: a new file (built under a locked temporary name and published
-atomically, see ``atomic.py``), one seeded with the images of an earlier file, or an existing file
-appended to in place. The layout comes from ``layout.py``, rows from ``rows.py``. h5py and numpy only.
+"""Write an fmap file batch by batch: a new file, built under a locked temporary name and published
+atomically (``atomic.py``), optionally seeded with the images of an earlier file (--resume: a killed
+run's; --append: OUT's own). The layout comes from ``layout.py``, rows from ``rows.py``. h5py and
+numpy only.
 
-An error removes a new file's temporary file; an interruption (signal) keeps it for ``--resume``.
-``--append`` clears ``complete`` until it is done, so an interrupted append is never mistaken for
-a finished file.
+An error removes the temporary file; an interruption (signal) keeps it for ``--resume``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
+import re
+import sys
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -26,25 +27,36 @@ from .atomic import AtomicOutput, lock
 from .layout import LayerRecord, Storage, create_layout, set_attrs
 from .rows import Batch, Failure, RowWriter, stored_stats
 
-# Root attributes describing one run, kept from the first run when appending.
-FIRST_RUN_ATTRS = ("created", "command")
+
+@dataclass(frozen=True)
+class Seed:
+    """A file whose images a new file starts with."""
+
+    path: Path
+    # True: a finished file (--append: OUT itself), whose stored statistics are used as they are.
+    # False: a killed run's temporary file, whose statistics are counted again from its maps.
+    finished: bool
 
 
 class MapWriter:
-    """Writes maps batch by batch and makes the file final when the ``with`` block succeeds.
+    """Writes maps batch by batch into a new file and publishes it when the ``with`` block succeeds.
 
-    Made by :meth:`create` (a new file, optionally seeded) or :meth:`append_to` (in place).
+    An --append is a new file too, seeded with OUT's images (copied as stored chunks) and published
+    over OUT: OUT stays intact until the appended file is complete, whatever happens meanwhile.
 
     >>> with MapWriter.create(out, layers, attrs, Storage()) as writer:
     ...     writer.append(batch)
     """
 
-    def __init__(self, out: Path, rows: RowWriter, output: AtomicOutput | None, lock_fd: int | None = None) -> None:
-        self.out = out
+    def __init__(
+        self, rows: RowWriter, guard: _WriteGuard, output: AtomicOutput, seed: Seed | None, hold: int | None
+    ) -> None:
         self.rows = rows
-        self._output = output  # a new file; None when appending in place
-        self._lock_fd = lock_fd  # holds OUT's lock while appending in place
-        self.already = rows.n_images  # images there before this run: seeded, or in the file appended to
+        self._guard = guard
+        self._output = output
+        self._seed = seed
+        self._hold = hold  # a descriptor holding OUT's lock while appending
+        self.already = rows.n_images  # images there before this run: seeded
 
     @classmethod
     def create(
@@ -55,68 +67,42 @@ class MapWriter:
         storage: Storage,
         input_shape: tuple[int, int, int] | None = None,
         overwrite: bool = False,
-        seed: Path | None = None,
+        seed: Seed | None = None,
     ) -> MapWriter:
         """A new file under a temporary name beside ``out``, starting with ``seed``'s images if given.
 
         Raises:
-            FmapError: the temporary file cannot be written.
+            FmapError: the temporary file cannot be written, or (appending) another run holds ``out``.
         """
+        hold = lock(out) if seed is not None and seed.finished else None  # one append at a time
         output = AtomicOutput(out, overwrite).__enter__()
-        f: h5py.File | None = None
+        guard: _WriteGuard | None = None
         try:
             f = h5py.File(output.path, "w", locking=False)  # the AtomicOutput lock guards it
-            create_layout(f, layers, attrs, input_shape, storage)
-            rows = RowWriter(f, layers, storage)
+            guard = _WriteGuard(f)
+            rows = RowWriter(f, layers, storage, keep=create_layout(f, layers, attrs, input_shape, storage))
+            f.flush()  # a full disk fails here, before any work
             if seed is not None:
-                with h5py.File(seed, "r", locking=False) as old:  # a killed run's file: no live writer
-                    rows.seed_from(old)
+                with h5py.File(seed.path, "r", locking=False) as old:  # locked by us, or a killed run's
+                    rows.seed_from(old, stored_stats(old, layers) if seed.finished else None)
+            guard.check()
         except BaseException as exc:  # KeyboardInterrupt included: never leave a new temporary file
-            if f is not None:
-                _close(f)
+            if guard is not None:
+                guard.close(discard=True)  # the file is removed: nothing it holds matters
             output.__exit__(type(exc), exc, exc.__traceback__)
-            if isinstance(exc, OSError):
-                raise FmapError(f"{out}: cannot write output file ({output.path.name}): {_reason(exc)}") from None
+            if hold is not None:
+                os.close(hold)
+            if isinstance(exc, OSError | RuntimeError | _WriteFailed):
+                raise FmapError(f"cannot write {out}: {_reason(exc)}") from None
             raise
-        return cls(out, rows, output)
-
-    @classmethod
-    def append_to(
-        cls, out: Path, layers: Sequence[LayerRecord], attrs: Mapping[str, Any], storage: Storage
-    ) -> MapWriter:
-        """``out``, a finished file, opened to add images in place; ``complete`` = 0 until done.
-
-        ``attrs`` must hold the grown input list (``input_list_sha256``, ``n_inputs``,
-        ``input_lists``); what the file held before is kept in ``append_base`` meanwhile, so an
-        interrupted append can be finished by running it again.
-
-        Raises:
-            FmapError: another run holds the file, or it cannot be written.
-        """
-        fd = lock(out)
-        try:
-            f = h5py.File(out, "r+", locking=False)  # our lock guards it
-        except OSError as exc:
-            os.close(fd)
-            raise FmapError(f"--append: cannot open {out} for writing: {_reason(exc)}") from None
-        try:
-            base = {
-                "n_inputs": int(f.attrs["n_inputs"]),
-                "input_list_sha256": str(f.attrs["input_list_sha256"]),
-                "input_lists": json.loads(str(f.attrs.get("input_lists", "[]"))),
-            }
-            rows = RowWriter(f, layers, storage, int(f.attrs["n_images"]), stored_stats(f, layers))
-            set_attrs(f, append_base=base, complete=0)
-            set_attrs(f, **{k: v for k, v in attrs.items() if k not in FIRST_RUN_ATTRS})
-            f.flush()
-        except BaseException:
-            _close(f)
-            os.close(fd)
-            raise
-        return cls(out, rows, None, fd)
+        return cls(rows, guard, output, seed, hold)
 
     def __enter__(self) -> MapWriter:
         return self
+
+    @property
+    def out(self) -> Path:
+        return self._output.out
 
     @property
     def n_images(self) -> int:
@@ -129,12 +115,13 @@ class MapWriter:
 
     @property
     def path(self) -> Path:
-        """The file being written (temporary name, or OUT when appending)."""
-        return self._output.path if self._output is not None else self.out
+        """The temporary file being written."""
+        return self._output.path
 
     @property
     def appending(self) -> bool:
-        return self._output is None
+        """Seeded with OUT's own images (--append)."""
+        return self._seed is not None and self._seed.finished
 
     def file(self) -> h5py.File:
         """The open file (for checks that run before it becomes final, e.g. --verify)."""
@@ -148,15 +135,22 @@ class MapWriter:
         """
         try:
             self.rows.append(batch)
-        except OSError as exc:
-            raise FmapError(f"cannot write {self.out}: {_reason(exc)}") from None
+            self._guard.check()
+        except (OSError, RuntimeError, _WriteFailed) as exc:  # h5py raises RuntimeError when a flush fails
+            raise self._write_failed(exc) from None
 
     def add_failures(self, failures: Sequence[Failure]) -> None:
         """Record images skipped with --skip-bad: (position in the input list, path, reason)."""
         try:
             self.rows.add_failures(failures)
-        except OSError as exc:
-            raise FmapError(f"cannot write {self.out}: {_reason(exc)}") from None
+            self._guard.check()
+        except (OSError, RuntimeError, _WriteFailed) as exc:
+            raise self._write_failed(exc) from None
+
+    def _write_failed(self, exc: BaseException) -> FmapError:
+        """The file cannot be written any more: nothing more goes to it (see :class:`_WriteGuard`)."""
+        self._guard.discard()
+        return FmapError(f"cannot write {self.out}: {_reason(exc)}")
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -164,12 +158,13 @@ class MapWriter:
         if exc_type is None:
             self.finish()
             return
-        if self._output is not None and isinstance(exc, StoppedError | KeyboardInterrupt) and self.n_images:
+        interrupted = isinstance(exc, StoppedError | KeyboardInterrupt)
+        if interrupted and self.n_images and not self.appending and self._guard.failure is None:
             self._output.keep()  # an interrupted run keeps its flushed batches for --resume
         self._abandon(exc_type, exc, tb)
 
     def finish(self) -> None:
-        """Mark the file complete, make it durable and, for a new file, publish it as ``out``.
+        """Mark the file complete, make it durable and publish it as ``out``.
 
         Raises:
             FmapError: nothing was written, or the file cannot be finished.
@@ -182,18 +177,14 @@ class MapWriter:
         try:
             self.rows.close()
             self.rows.sort_failures()
-            if "append_base" in f.attrs:
-                del f.attrs["append_base"]
             set_attrs(f, complete=1)
+            f.flush()
+            self._guard.check()
             f.close()
-            if self._output is None:
-                with open(self.out, "rb+") as handle:
-                    os.fsync(handle.fileno())
-            else:
-                self._output.publish()
+            self._output.publish()
         except BaseException as exc:
             self._abandon(type(exc), exc, exc.__traceback__)
-            if isinstance(exc, OSError):
+            if isinstance(exc, OSError | RuntimeError | _WriteFailed):
                 raise FmapError(f"cannot finish {self.out}: {_reason(exc)}") from None
             raise
         self._release()
@@ -202,41 +193,87 @@ class MapWriter:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.rows.close()
-        _close(self.rows.f)
-        if self._output is not None:
-            self._output.__exit__(exc_type, exc, tb)
+        self._guard.close(discard=not self._output.kept)  # a file that is removed: nothing more is written
+        self._output.__exit__(exc_type, exc, tb)
         self._release()
 
     def _release(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._guard.restore()
+        if self._hold is not None:
+            os.close(self._hold)
+            self._hold = None
 
 
-def _close(f: h5py.File) -> None:
-    """Close ``f`` even after a failed write.
+class _WriteFailed(Exception):  # noqa: N818 - carries HDF5's own error
+    """A write HDF5 could only report as "unraisable" (see :class:`_WriteGuard`)."""
 
-    When HDF5 cannot write its metadata (disk full, file size limit), closing fails and leaves the
-    file open, and the library's second attempt at exit crashed the process (exit 139). Pointing
-    HDF5's descriptor at /dev/null lets the close finish; the file is removed or, when appending,
-    stays marked incomplete with every batch flushed before the failure.
+
+class _WriteGuard:
+    """Turns a failed write (disk full, file size limit) into one clean error.
+
+    h5py reports a write that fails while a dataset object is freed as "unraisable" (printed, not
+    raised), and HDF5 then fails again on every later write, the ones at exit included, which
+    crashed the process (exit 139). The guard records the first such failure and points HDF5's
+    descriptor at /dev/null at once, so the library stays consistent and closes cleanly; the next
+    :meth:`check` raises, and the file is removed.
     """
-    if not f.id.valid:
-        return
-    try:
-        f.close()
-    except OSError:
-        with contextlib.suppress(OSError, ValueError):
-            null = os.open(os.devnull, os.O_RDWR)
-            os.dup2(null, f.id.get_vfd_handle())
+
+    def __init__(self, f: h5py.File) -> None:
+        self.f = f
+        self.fd = f.id.get_vfd_handle()  # asking HDF5 for it after a failure crashed the process
+        self.failure: BaseException | None = None
+        self._previous = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
+
+    def _unraisable(self, unraisable: Any) -> None:
+        if _WRITE_FAILED.search(str(unraisable.exc_value)) is None:
+            self._previous(unraisable)
+            return
+        if self.failure is None:
+            self.failure = unraisable.exc_value
+            self.discard()
+
+    def check(self) -> None:
+        """Raise the failure an implicit close recorded, if any."""
+        if self.failure is not None:
+            raise _WriteFailed(str(self.failure))
+
+    def discard(self) -> None:
+        """Send every later write of HDF5 to /dev/null."""
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(null, self.fd)
+        finally:
             os.close(null)
-        with contextlib.suppress(OSError):
-            f.close()
+
+    def close(self, discard: bool) -> None:
+        """Close the file (``discard``: without writing anything more); never raises for the file."""
+        if discard:
+            self.discard()
+        if self.f.id.valid:
+            try:
+                self.f.close()
+            except (OSError, RuntimeError):
+                self.discard()
+                with contextlib.suppress(OSError, RuntimeError):
+                    self.f.close()
+        self.restore()
+
+    def restore(self) -> None:
+        """Put back the previous unraisable hook."""
+        if sys.unraisablehook == self._unraisable:
+            sys.unraisablehook = self._previous
 
 
-def _reason(exc: OSError) -> str:
-    """An OSError in words: h5py's messages wrap the system's in a paragraph."""
-    return os.strerror(exc.errno) if exc.errno else first_line(exc)
+_WRITE_FAILED = re.compile(r"write failed.*?errno = (\d+)", re.DOTALL)
+
+
+def _reason(exc: BaseException) -> str:
+    """A failed write in words: h5py's messages wrap the system's error in a paragraph."""
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    match = _WRITE_FAILED.search(str(exc))
+    return os.strerror(int(match.group(1))) if match else first_line(exc)
 
 
 WRITE_BEHIND = 2  # batches that may wait for the writer thread
