@@ -26,6 +26,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check fmap_cli tests scripts
 	$(BIN)/ruff format --check fmap_cli tests scripts
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python scripts/bench.py

@@ -103,7 +103,8 @@ class _ExportedEvents(torch.fx.Interpreter):
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         self._sync(list(_stack(n)), first_tensor((args, kwargs)))
-        self.last = self.recorder.op(n.target, args, kwargs, lambda: n.target(*args, **kwargs))
+        target: Any = n.target  # a call_function node's target is the callable
+        self.last = self.recorder.op(target, args, kwargs, lambda: target(*args, **kwargs))
         return self.last
 
     def _sync(self, stack: list[tuple[str, str, str]], x: torch.Tensor | None) -> None:
@@ -136,7 +137,7 @@ def _forward(model: nn.Module, x: torch.Tensor, recorder: Recorder) -> None:
     recorder.start(x)
     try:
         with torch.inference_mode():
-            if is_exported(model):
+            if isinstance(model, torch.fx.GraphModule) and is_exported(model):
                 _ExportedEvents(model, recorder).run(x)
             else:
                 with _eager_events(model, recorder):

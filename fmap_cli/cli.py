@@ -37,7 +37,7 @@ def _errors() -> Iterator[None]:
         raise click.ClickException(str(exc)) from None
 
 
-class SizeType(click.ParamType):
+class SizeType(click.ParamType):  # type: ignore[type-arg]  # click >= 8.2 makes ParamType generic; 8.1 does not
     """``N`` or ``H,W``: the input size fed to the network."""
 
     name = "N|H,W"
@@ -105,7 +105,7 @@ def cli() -> None:
     """
 
 
-class CodecType(click.ParamType):
+class CodecType(click.ParamType):  # type: ignore[type-arg]  # as SizeType
     """``none``, ``lzf``, ``gzip`` or ``gzip:LEVEL``."""
 
     name = "none|lzf|gzip[:N]"
@@ -331,7 +331,7 @@ def _signals_recorded() -> Iterator[list[int]]:
     A second signal gets the previous handler (Ctrl-C twice stops at once).
     """
     received: list[int] = []
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous: dict[int, Any] = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def record(signum: int, frame: object) -> None:
         received.append(signum)

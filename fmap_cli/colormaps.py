@@ -36,7 +36,7 @@ def apply(table: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Colours (..., 3) uint8 for values ``t`` in [0, 1] (clipped); NaN becomes grey."""
     t = np.asarray(t, dtype=np.float64)
     index = np.rint(np.clip(np.nan_to_num(t, nan=0.0), 0.0, 1.0) * (len(table) - 1)).astype(np.intp)
-    rgb = table[index]
+    rgb: np.ndarray = table[index]
     rgb[np.isnan(t)] = NAN_COLOUR
     return rgb
 

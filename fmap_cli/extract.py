@@ -431,12 +431,12 @@ def _run_halving(run: Callable[[torch.Tensor], dict[str, LayerMaps]], x: torch.T
         half = x.shape[0] // 2
         first, second = _run_halving(run, x[:half]), _run_halving(run, x[half:])
         return {
-            name: LayerMaps(
-                torch.cat([first[name].z, second[name].z]) if first[name].z is not None else None,
-                torch.cat([first[name].a, second[name].a]) if first[name].a is not None else None,
-            )
-            for name in first
+            name: LayerMaps(_cat(first[name].z, second[name].z), _cat(first[name].a, second[name].a)) for name in first
         }
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return None if a is None or b is None else torch.cat([a, b])
 
 
 def _check_headers(

@@ -42,7 +42,8 @@ def upsample(values: np.ndarray, geometry: Geometry, size: tuple[int, int]) -> n
     (r0, r1, fr), (c0, c1, fc) = axes
     top = values[r0][:, c0] * (1 - fc) + values[r0][:, c1] * fc
     bottom = values[r1][:, c0] * (1 - fc) + values[r1][:, c1] * fc
-    return top * (1 - fr)[:, None] + bottom * fr[:, None]  # (H, W)
+    result: np.ndarray = top * (1 - fr)[:, None] + bottom * fr[:, None]  # (H, W)
+    return result
 
 
 def preprocessing_of(f: h5py.File) -> Preprocessing:
@@ -85,7 +86,8 @@ def input_picture(f: h5py.File, n: int) -> np.ndarray:
     mean = np.asarray(prep.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(prep.std, dtype=np.float32)[:, None, None]
     rgb = np.clip(pixels * std + mean, 0.0, 1.0) * 255.0
-    return np.rint(rgb).astype(np.uint8).transpose(1, 2, 0)
+    picture: np.ndarray = np.rint(rgb).astype(np.uint8).transpose(1, 2, 0)
+    return picture
 
 
 def role_map(group: h5py.Group) -> h5py.Dataset:

@@ -27,7 +27,8 @@ def _erf(x: np.ndarray) -> np.ndarray:
     x = np.abs(x)
     t = 1.0 / (1.0 + 0.3275911 * x)
     poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    return sign * (1.0 - poly * np.exp(-x * x))
+    result: np.ndarray = sign * (1.0 - poly * np.exp(-x * x))
+    return result
 
 
 def _param(params: dict[str, Any], key: str, default: float) -> float:
@@ -53,7 +54,8 @@ def nonlinearity(name: str, params: dict[str, Any]) -> tuple[Callable[[np.ndarra
 
     def sigmoid(z: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):  # exp overflows to inf for z < -709: sigmoid is then 0, as it should be
-            return 1.0 / (1.0 + np.exp(-f64(z)))
+            result: np.ndarray = 1.0 / (1.0 + np.exp(-f64(z)))
+        return result
 
     def gelu(z: np.ndarray) -> np.ndarray:
         if params.get("approximate") == "tanh":

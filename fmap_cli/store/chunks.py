@@ -9,6 +9,7 @@ import itertools
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import h5py
 import numpy as np
@@ -51,7 +52,8 @@ def write_rows(ds: h5py.Dataset, start: int, values: np.ndarray, pool: ThreadPoo
 
     def compress(job: tuple[int, tuple[int, ...]]) -> tuple[tuple[int, ...], bytes]:
         row, corner = job
-        block = values[(row, *(slice(o, o + c) for o, c in zip(corner, chunks[1:], strict=True)))]
+        where: tuple[Any, ...] = (row, *(slice(o, o + c) for o, c in zip(corner, chunks[1:], strict=True)))
+        block = values[where]
         if block.shape != chunks[1:]:  # an edge chunk is stored full size
             padded = np.zeros(chunks[1:], dtype=values.dtype)
             padded[tuple(slice(0, n) for n in block.shape)] = block
@@ -86,4 +88,4 @@ def copy_rows(src: h5py.Dataset, dst: h5py.Dataset, count: int, start: int = 0) 
     for first in range(0, count, block):
         stop = min(count, first + block)
         dst[start + first : start + stop] = src[first:stop]
-    return count * row_bytes
+    return int(count * row_bytes)
