@@ -32,6 +32,7 @@ from .layers import describe_layers, layer_records, select_layers
 from .models import LoadedModel, load_model, resolve_device
 from .pairing import LayerInfo
 from .spec import InputSpec
+from .stopping import StopRequested, check, wait
 from .store.atomic import check_target, partial_files
 from .store.continuation import appended_list_sha256, check_appendable, find_resumable, fingerprint
 from .store.layout import Storage, encode_root
@@ -238,7 +239,7 @@ def _root_attrs(
 def extract(
     options: ExtractOptions,
     log: Callable[[str], None] = lambda message: None,
-    stop_requested: Callable[[], int | None] = lambda: None,
+    stop_requested: StopRequested = lambda: None,
     progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> ExtractResult:
     """Run the whole pipeline and write ``options.out``; on any error nothing is left at OUT.
@@ -269,7 +270,7 @@ def extract(
 def run(
     planned: Plan,
     log: Callable[[str], None] = lambda message: None,
-    stop_requested: Callable[[], int | None] = lambda: None,
+    stop_requested: StopRequested = lambda: None,
     progress: Callable[[int, int], None] = lambda done, total: None,
     started: float | None = None,
 ) -> ExtractResult:
@@ -295,25 +296,25 @@ def run(
             if continued.replaces is not None:  # its images are in the new temporary file now
                 continued.replaces.unlink(missing_ok=True)
             with (
-                BackgroundWriter(writer) as sink,
-                _decoded_batches(planned.todo, options.inputs, planned.prep) as batches,
+                BackgroundWriter(writer, stop_requested=stop_requested) as sink,
+                _decoded_batches(planned.todo, options.inputs, planned.prep, stop_requested) as batches,
             ):
                 sink.add_failures([(f.index, f.path, f.reason) for f in failures])
                 for batch, failed in batches:
-                    _check(stop_requested)
+                    check(stop_requested)
                     if batch is not None:
                         sink.append(_captured(forward, batch, model.name, planned.device, options.save_input))
                     sink.add_failures([(f.index, f.path, f.reason) for f in failed])
                     failures.extend(failed)
                     handled = planned.to_handle - len(planned.todo) + batches.handled  # resumed or failed: handled
                     progress(handled, planned.to_handle)
-                    _check(stop_requested)
-            _check(stop_requested)  # a signal that came while the writer thread finished its queue
+                    check(stop_requested)
+            check(stop_requested)  # a signal that came while the writer thread finished its queue
             if writer.n_images == 0:
                 raise ImageError(_nothing_written(failures))
             if options.verify:
                 verified = _verify(writer, log)
-                _check(stop_requested)
+                check(stop_requested)
     except StoppedError as exc:
         raise StoppedError(exc.signum, _kept(writer, options)) from None
     return ExtractResult(
@@ -475,9 +476,15 @@ class _Batches:
     """Decoded batches, produced by worker threads ahead of the model, in input order."""
 
     def __init__(
-        self, items: Sequence[tuple[int, str]], inputs: Inputs, pool: ThreadPoolExecutor, prep: Preprocessing
+        self,
+        items: Sequence[tuple[int, str]],
+        inputs: Inputs,
+        pool: ThreadPoolExecutor,
+        prep: Preprocessing,
+        stop_requested: StopRequested,
     ) -> None:
         self.items, self.inputs, self.pool, self.prep = items, inputs, pool, prep
+        self.stop_requested = stop_requested
         self.handled = 0  # items whose batch has been handed out
         self._next = 0
         self._pending: deque[tuple[int, Future[tuple[ImageBatch | None, list[Failure]]]]] = deque()
@@ -495,7 +502,7 @@ class _Batches:
             if not self._pending:
                 return
             count, future = self._pending.popleft()
-            result = future.result()
+            result = wait(future.result, self.stop_requested)
             self.handled += count
             yield result
 
@@ -505,9 +512,11 @@ class _Batches:
 
 
 @contextmanager
-def _decoded_batches(items: Sequence[tuple[int, str]], inputs: Inputs, prep: Preprocessing) -> Iterator[_Batches]:
+def _decoded_batches(
+    items: Sequence[tuple[int, str]], inputs: Inputs, prep: Preprocessing, stop_requested: StopRequested
+) -> Iterator[_Batches]:
     with ThreadPoolExecutor(max_workers=max(1, inputs.workers), thread_name_prefix="fmap-decode") as pool:
-        batches = _Batches(items, inputs, pool, prep)
+        batches = _Batches(items, inputs, pool, prep, stop_requested)
         try:
             yield batches
         finally:
@@ -517,12 +526,6 @@ def _decoded_batches(items: Sequence[tuple[int, str]], inputs: Inputs, prep: Pre
 def input_list_sha256(paths: Sequence[str]) -> str:
     """Fingerprint of an input list (one path a line, as given), shared by every shard of a job."""
     return hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def _check(stop_requested: Callable[[], int | None]) -> None:
-    signum = stop_requested()
-    if signum is not None:
-        raise StoppedError(signum)
 
 
 @contextmanager

@@ -30,11 +30,16 @@ NAME_BYTES = 200  # of OUT's name kept in the temporary name, so it fits the usu
 def temporary_path(out: Path) -> Path:
     """A new hidden name beside ``out``: process id and a random part, so a run never writes over
     the file of another (or of the run it resumes)."""
-    return out.with_name(f".{out.name[:NAME_BYTES]}.{os.getpid()}-{secrets.token_hex(3)}.{PARTIAL}")
+    return out.with_name(f".{_short(out)}.{os.getpid()}-{secrets.token_hex(3)}.{PARTIAL}")
+
+
+def _short(out: Path) -> str:
+    """OUT's name cut to NAME_BYTES bytes (not characters: file name limits count bytes)."""
+    return os.fsdecode(os.fsencode(out.name)[:NAME_BYTES])
 
 
 def _temporary_name(out: Path) -> re.Pattern[str]:
-    return re.compile(re.escape(f".{out.name[:NAME_BYTES]}.") + r"(\d+)-[0-9a-f]{6}\." + PARTIAL)
+    return re.compile(re.escape(f".{_short(out)}.") + r"(\d+)-[0-9a-f]{6}\." + PARTIAL)
 
 
 def partial_files(out: Path) -> list[Path]:

@@ -19,6 +19,7 @@ from ..errors import FmapError, FmapFileError, UsageError, first_line
 from ..images import Failure
 from . import schema
 from .atomic import busy, in_use, partial_files, writer_pid
+from .reader import printable
 
 # What must match for maps to belong in one file, with the words used when one differs.
 FINGERPRINT = {
@@ -60,7 +61,7 @@ def differences(theirs: Mapping[str, str], ours: Mapping[str, str]) -> list[str]
             continue
         if key == "weights_sha256":
             a, b = a[:12], b[:12]
-        found.append(f"{words} ({a} vs {b})" if max(len(a), len(b)) <= 60 else words)
+        found.append(f"{words} ({printable(a)} vs {printable(b)})" if max(len(a), len(b)) <= 60 else words)
     return found
 
 

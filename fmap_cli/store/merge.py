@@ -23,8 +23,9 @@ import h5py
 import numpy as np
 
 from .. import __version__
-from ..errors import FmapError, FmapFileError, StoppedError, UsageError, first_line
+from ..errors import FmapError, FmapFileError, UsageError, first_line
 from ..inputs import Shard
+from ..stopping import StopRequested, check
 from . import schema
 from .atomic import AtomicOutput, check_target
 from .chunks import copy_rows
@@ -80,7 +81,7 @@ def merge_shards(
     allow_missing: bool = False,
     command: str = "",
     log: Callable[[str], None] = lambda message: None,
-    stop_requested: Callable[[], int | None] = lambda: None,
+    stop_requested: StopRequested = lambda: None,
 ) -> MergeResult:
     """Merge shard files into ``out``, images in input order; nothing is left at ``out`` on error.
 
@@ -100,6 +101,8 @@ def merge_shards(
     """
     started = time.perf_counter()
     check_target(out, overwrite, paths)
+    if virtual:
+        _check_beside(out, paths)
     shards = check_shards([Path(p) for p in paths])
     missing = missing_shares(shards)
     if missing and not allow_missing:
@@ -109,6 +112,22 @@ def merge_shards(
     raw_bytes = _write(shards, out, virtual, overwrite, command, stop_requested)
     n_images = sum(s.n_images for s in shards)
     return MergeResult(out, n_images, [s.path for s in shards], missing, raw_bytes, time.perf_counter() - started)
+
+
+def _check_beside(out: Path, paths: Sequence[Path]) -> None:
+    """A virtual file reads its shards by paths relative to its own directory, and readers refuse
+    paths that leave it (an untrusted file could point anywhere): the shards must lie below it.
+
+    Raises:
+        UsageError: a shard outside OUT's directory.
+    """
+    base = out.resolve().parent
+    for path in paths:
+        if not Path(path).resolve().is_relative_to(base):
+            raise UsageError(
+                f"--virtual: {path} is not in {base} or below it, where the virtual file {out.name} reads its "
+                "shards from; write OUT beside the shards, or merge without --virtual"
+            )
 
 
 # ----------------------------------------------------------------------------- checking shards
@@ -235,7 +254,7 @@ def _write(
     virtual: bool,
     overwrite: bool,
     command: str,
-    stop_requested: Callable[[], int | None],
+    stop_requested: StopRequested,
 ) -> int:
     """Build the merged file under a temporary name and publish it as ``out``; returns raw bytes copied."""
     with AtomicOutput(out, overwrite) as output:
@@ -305,7 +324,7 @@ class _Merger:
     shards: Sequence[ShardFile]
     out: Path
     virtual: bool
-    stop_requested: Callable[[], int | None]
+    stop_requested: StopRequested
     copied: int = 0  # raw chunk bytes
     _pools: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)
 
@@ -319,9 +338,7 @@ class _Merger:
         nodes = [(n, obj) for n, obj in nodes if n != FAILURES and not n.startswith(f"{FAILURES}/")]
         for name, obj in nodes:
             _check_documented(name, obj)
-            signum = self.stop_requested()
-            if signum is not None:
-                raise StoppedError(signum, "no output written")
+            check(self.stop_requested)
             if isinstance(obj, h5py.Group):
                 _copy_attrs(obj, self.f.require_group(name))
             elif name == "N":

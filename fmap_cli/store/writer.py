@@ -23,6 +23,7 @@ from typing import Any
 import h5py
 
 from ..errors import FmapError, StoppedError, first_line
+from ..stopping import StopRequested, wait
 from .atomic import AtomicOutput, lock
 from .layout import LayerRecord, Storage, create_layout, set_attrs
 from .rows import Batch, Failure, RowWriter, stored_stats
@@ -287,8 +288,11 @@ class BackgroundWriter:
     ...     sink.append(batch)  # returns once the batch is queued
     """
 
-    def __init__(self, writer: MapWriter, depth: int = WRITE_BEHIND) -> None:
+    def __init__(
+        self, writer: MapWriter, depth: int = WRITE_BEHIND, stop_requested: StopRequested = lambda: None
+    ) -> None:
         self.writer = writer
+        self._stop_requested = stop_requested  # polled while waiting for room in the queue
         self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="fmap-writer", daemon=True)
@@ -312,7 +316,7 @@ class BackgroundWriter:
 
     def _put(self, item: tuple[str, Any]) -> None:
         self._raise()
-        self._queue.put(item)
+        wait(lambda timeout: self._queue.put(item, timeout=timeout), self._stop_requested)
 
     def append(self, batch: Batch) -> None:
         """Queue one batch (blocks while ``depth`` batches wait)."""
