@@ -307,7 +307,10 @@ def preprocess(decoded: DecodedImage, prep: Preprocessing) -> np.ndarray:
         pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)  # (3, H, W)
     mean = np.asarray(prep.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(prep.std, dtype=np.float32)[:, None, None]
-    return ((pixels - mean) / std).astype(np.float32, copy=False)
+    # C order: the transpose above keeps Pillow's (H, W, C) memory order, and a batch in that order is
+    # channels-last to torch, whose convolutions then round differently from the model's own forward
+    # on a contiguous batch (what torch.stack of ToTensor outputs gives)
+    return np.ascontiguousarray((pixels - mean) / std, dtype=np.float32)
 
 
 @dataclass(frozen=True)

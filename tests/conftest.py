@@ -91,7 +91,7 @@ def images(tmp_path: Path) -> list[Path]:
     return paths
 
 
-MODEL_KEYS = {"model", "weights", "model_args", "layers", "device", "size", "no_resize"}
+MODEL_KEYS = {"model", "weights", "model_args", "layers", "device", "size", "no_resize", "memory_format"}
 INPUT_KEYS = {"shard", "skip_bad", "batch_size", "workers"}
 CONTINUATION_KEYS = {"overwrite", "resume", "append"}
 

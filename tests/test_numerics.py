@@ -12,6 +12,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
+import zoo
 from click.testing import CliRunner
 from conftest import SAMPLES, extract_options, make_photo, tiny_weights
 from PIL import Image
@@ -21,6 +23,8 @@ from fmap_cli.errors import VerificationError
 from fmap_cli.extract import extract
 from fmap_cli.spec import builtin_spec_path, geometry, load_spec
 from fmap_cli.verify import verify_pairs
+
+ZOO_FILE = Path(zoo.__file__)
 
 TINY_MEAN = np.array([0.5, 0.4, 0.3])  # from conftest.TINY_SPEC
 TINY_STD = np.array([0.25, 0.2, 0.3])
@@ -326,7 +330,7 @@ def test_verify_flag_passes_on_good_files(tiny_model: Path, images: list[Path], 
     with h5py.File(out, "r") as f:
         expected = sum(f["layers"][n]["preactivation"].size for n in ("conv1", "conv2"))
         assert verify_pairs(f).values == expected
-    assert result.values_verified == expected
+    assert result.values_verified == 2 * expected  # every stored z and a, against an independent forward pass
     cli_out = tmp_path / "cli.h5"
     res = CliRunner().invoke(
         cli, ["extract", *map(str, images), "-m", str(tiny_model), "--device", "cpu", "--verify", "-o", str(cli_out)]
@@ -355,3 +359,68 @@ def test_verify_pairs_detects_one_tampered_value(tiny_model, images, tmp_path, d
         assert verify_pairs(f).values > 0
     with h5py.File(bad, "r") as f, pytest.raises(VerificationError, match=dataset.split("/")[1]):
         verify_pairs(f)
+
+
+# ---------------------------------------------------------------------------- the model's own forward
+
+
+def plain_convs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """Every conv output of an ordinary forward pass (hooks, copies), the way a user would run it."""
+    found: dict[str, np.ndarray] = {}
+    hooks = [
+        module.register_forward_hook(lambda m, i, out, name=name: found.__setitem__(name, out.detach().clone().numpy()))
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Conv2d)
+    ]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_maps_are_bit_identical_to_the_models_own_forward_on_input(
+    batch_size: int, five_images: list[Path], tmp_path: Path
+) -> None:
+    """The batch handed to the model is contiguous NCHW, as torch.stack of ToTensor outputs: a
+    channels-last batch (Pillow's memory order kept through a transpose) made oneDNN round every
+    conv after the first differently (about 2e-6)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        convs = ["*conv*", "*downsample.0"]
+        out = run(five_images[:4], tmp_path / "out.h5", model=f"{ZOO_FILE}:resnet18", layers=convs,
+                  save_input=True, batch_size=batch_size, size=(48, 48))  # fmt: skip
+        model = zoo.resnet18().eval()
+        with h5py.File(out, "r") as f:
+            pixels = f["input"][...]
+            for start in range(0, 4, batch_size):
+                own = plain_convs(model, torch.from_numpy(pixels[start : start + batch_size]))
+                assert len(own) == 20
+                for name, values in own.items():
+                    stored = f[f"layers/{name}/preactivation"][start : start + batch_size]
+                    assert np.array_equal(stored, values), (name, float(np.abs(stored - values).max()))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_channels_last_is_recorded_and_differs_only_by_rounding(five_images: list[Path], tmp_path: Path) -> None:
+    files = {
+        layout: run(
+            five_images[:4],
+            tmp_path / f"{layout}.h5",
+            model=f"{ZOO_FILE}:resnet18",
+            layers=["*conv*", "*downsample.0"],
+            size=(48, 48),
+            memory_format=layout,
+        )
+        for layout in ("contiguous", "channels_last")
+    }
+    with h5py.File(files["contiguous"], "r") as a, h5py.File(files["channels_last"], "r") as b:
+        assert (a.attrs["memory_format"], b.attrs["memory_format"]) == ("contiguous", "channels_last")
+        for name in a["layers"]:
+            z, z_cl = a[f"layers/{name}/preactivation"][...], b[f"layers/{name}/preactivation"][...]
+            np.testing.assert_allclose(z_cl, z, rtol=1e-4, atol=1e-5, err_msg=name)

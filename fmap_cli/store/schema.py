@@ -136,6 +136,13 @@ SCHEMA: tuple[Node, ...] = (
             Attr("working_directory", "str", "Where it ran: relative image paths are relative to it."),
             Attr("n_images", "int64", "Number of images N stacked along the first axis of every map."),
             Attr("device", "str", "Device the forward pass ran on (cpu, cuda:0, ...)."),
+            Attr(
+                "memory_format",
+                "str",
+                "Memory layout of the batch fed to the model: 'contiguous' (NCHW in C order, as torch.stack of "
+                "ToTensor outputs gives: every map equals the model's own forward on /input at the same batch "
+                "size) or 'channels_last' (--memory-format channels_last: faster, maps differ by float32 rounding).",
+            ),
             Attr("model_name", "str", "Name of the model."),
             Attr("model_source", "str", "Where the model came from: a spec file's path, or builtin:<name>."),
             Attr(
