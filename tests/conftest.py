@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,27 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "sample_images"
+SLURM = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN")
+
+
+@pytest.fixture(autouse=True)
+def _no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests run on a cluster node must not pick up that node's SLURM array task as a shard."""
+    for name in SLURM:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    """The tiny models gain nothing from intra-op threads, and on a busy machine they make each
+    convolution many times slower (threads spin waiting for each other)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 TINY_SPEC = """\
 [model]
@@ -91,6 +112,25 @@ def images(tmp_path: Path) -> list[Path]:
     return paths
 
 
+@pytest.fixture
+def good(tmp_path: Path) -> list[Path]:
+    """Three small PNG images of the same size."""
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"good{i}.png"
+        make_photo(30, 40, seed=i).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def outdir(tmp_path: Path) -> Path:
+    """An empty directory for a run's output (tests check that nothing else is left in it)."""
+    path = tmp_path / "out"
+    path.mkdir()
+    return path
+
+
 MODEL_KEYS = {"model", "weights", "model_args", "layers", "device", "size", "no_resize", "memory_format"}
 INPUT_KEYS = {"shard", "skip_bad", "batch_size", "workers"}
 CONTINUATION_KEYS = {"overwrite", "resume", "append"}
@@ -107,3 +147,13 @@ def extract_options(images: Sequence[str | Path], out: Path, **flat: Any) -> Any
     return ExtractOptions(
         inputs, out, ModelChoice(**take(MODEL_KEYS)), continuation=Continuation(**take(CONTINUATION_KEYS)), **flat
     )
+
+
+@pytest.fixture
+def all_layers_file(tiny_model: Path, images: list[Path], tmp_path: Path) -> Path:
+    """``images`` extracted with every layer of the tiny model (conv1, pool1 without a nonlinearity, conv2)."""
+    from fmap_cli.extract import extract
+
+    out = tmp_path / "maps.h5"
+    extract(extract_options(images, out, model=str(tiny_model), layers=["conv1", "pool1", "conv2"], device="cpu"))
+    return out

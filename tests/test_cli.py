@@ -1,8 +1,15 @@
-"""CLI behaviour on the happy paths, through click's CliRunner (error paths live in test_errors.py)."""
+"""The CLI (fmap_cli.cli) through click's CliRunner: help, option parsing, what goes to stdout and
+stderr (the output path, --quiet, the progress line), and the happy paths of each command."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import pty
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
@@ -10,6 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 from conftest import SAMPLES, TINY_SPEC, tiny_weights
+from helpers import FMAP, error_line, extract_fails, ok, run_extract, script_env, write_photos
 
 from fmap_cli import __version__
 from fmap_cli.cli import cli
@@ -229,3 +237,113 @@ def test_sample_image_default_model(tmp_path: Path) -> None:
     assert data["model_source"] == "builtin:edges"
     assert data["images"] == [{"path": str(SAMPLES / "cat.jpg"), "original_size": [300, 451]}]
     assert [layer["shape"] for layer in data["layers"]] == [[1, 16, 112, 112], [1, 16, 56, 56]]
+
+
+# ---------------------------------------------------------------------------- option values refused
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "1,2,3", "-5", "10,0", ""])
+def test_bad_size_values(good: list[Path], tiny_model: Path, outdir: Path, value: str) -> None:
+    extract_fails(good, tiny_model, outdir, 2, "--size", value, must_name=("--size",))
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many"])
+def test_bad_batch_size(good: list[Path], tiny_model: Path, outdir: Path, value: str) -> None:
+    extract_fails(good, tiny_model, outdir, 2, "--batch-size", value, must_name=("--batch-size",))
+
+
+def test_size_with_no_resize(good: list[Path], tiny_model: Path, outdir: Path) -> None:
+    extract_fails(good, tiny_model, outdir, 2, "--size", "32", "--no-resize", must_name=("--size", "--no-resize"))
+
+
+@pytest.mark.parametrize("value", ["zstd", "gzip:10", "lzf:3", "none:1", "gzip:x"])
+def test_bad_compression_is_a_usage_error(tmp_path: Path, tiny_model: Path, value: str) -> None:
+    images = write_photos(tmp_path / "imgs", 1)
+    for option in ("--compression", "--z-compression"):
+        line = error_line(run_extract(images, tiny_model, tmp_path / "out.h5", option, value), 2)
+        assert option in line
+
+
+@pytest.mark.parametrize("value", ["x", "z,x", "", "b"])
+def test_bad_store_is_a_usage_error(tmp_path: Path, tiny_model: Path, value: str) -> None:
+    images = write_photos(tmp_path / "imgs", 1)
+    out = tmp_path / "out.h5"
+    line = error_line(run_extract(images, tiny_model, out, "--store", value), 2)
+    assert "--store" in line
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- stdout, stderr and the progress line
+
+
+def test_stdout_is_exactly_the_output_path(tmp_path: Path, tiny_model: Path) -> None:
+    images = write_photos(tmp_path / "imgs", 2)
+    out = tmp_path / "out.h5"
+    result = ok(run_extract(images, tiny_model, out))
+    assert result.stdout == f"{out}\n"
+    assert "wrote 2 images" in result.stderr  # logs go to stderr
+    assert "\r" not in result.stderr  # CliRunner's stderr is not a terminal: no progress line
+
+
+def test_quiet_leaves_stderr_empty(tmp_path: Path, tiny_model: Path) -> None:
+    images = write_photos(tmp_path / "imgs", 2)
+    out = tmp_path / "out.h5"
+    result = ok(run_extract(images, tiny_model, out, "--quiet"))
+    assert result.stderr == ""
+    assert result.stdout == f"{out}\n"
+    result = ok(run_extract(images, tiny_model, tmp_path / "q.h5", "-q", "--json"))
+    assert result.stderr == ""
+    assert json.loads(result.stdout)["images_written"] == 2
+
+
+def run_with_terminal_stderr(args: Sequence[object]) -> tuple[int, str, str]:
+    """Run the installed script with stderr on a pseudo-terminal: (exit code, stdout, stderr)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [str(FMAP), *map(str, args)], stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL, env=script_env()
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    stdout = proc.stdout.read().decode() if proc.stdout else ""
+    proc.wait(timeout=60)
+    os.close(master)
+    return proc.returncode, stdout, b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals")
+def test_progress_line_only_on_a_terminal(tmp_path: Path, tiny_model: Path) -> None:
+    images = write_photos(tmp_path / "imgs", 4)
+    out = tmp_path / "out.h5"
+    code, stdout, stderr = run_with_terminal_stderr(["extract", *images, "-m", tiny_model, "-o", out, "-b", "2"])
+    assert code == 0, stderr
+    assert stdout == f"{out}\n"  # the progress line never reaches stdout
+    assert "\r" in stderr and "img/s" in stderr and "4/4 images" in stderr
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quiet_silences_the_progress_line_on_a_terminal(monkeypatch: pytest.MonkeyPatch, quiet: bool) -> None:
+    from fmap_cli.cli import _Reporter  # private: imported here so a rename fails this test only
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    reporter = _Reporter(quiet)
+    reporter.progress(3, 10)
+    reporter.log("a message")
+    reporter.done(10, 0, 2, 0.5)
+    if quiet:
+        assert terminal.getvalue() == ""
+    else:
+        assert "\r3/10 images" in terminal.getvalue() and "a message" in terminal.getvalue()

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 import tomllib
 import zlib
 from collections.abc import Callable
@@ -23,6 +24,7 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import REPO, SAMPLES, TINY_SPEC, make_photo, tiny_weights
 from crafted import craft
+from helpers import assert_left_clean, error_line, extract_fails, invoke, truncated_jpeg
 from PIL import Image
 
 from fmap_cli import images
@@ -615,6 +617,7 @@ def _png_claiming(path: Path, width: int, height: int) -> Path:
     """A 1x1 PNG whose header claims width x height (CRC recomputed)."""
     Image.new("RGB", (1, 1)).save(path)
     data = bytearray(path.read_bytes())
+    assert data[12:16] == b"IHDR"
     data[16:24] = struct.pack(">II", width, height)
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
     path.write_bytes(bytes(data))
@@ -793,3 +796,76 @@ def test_render_refuses_a_stored_image_over_the_byte_limit(tmp_path: Path, monke
     result = _render_overlay(fmap_file, tmp_path / "o.png", "--overlay", "0")
     assert result.exit_code == 1
     assert result.output == f"Error: {photo}: too large for an image file ({size} bytes; limit 100 bytes){NO_INPUT}\n"
+
+
+# ---------------------------------------------------------------- bad image files through extract
+
+
+def test_truncated_jpeg_fails_at_decode_not_header(tmp_path: Path, tiny_model: Path, outdir: Path) -> None:
+    bad = truncated_jpeg(tmp_path / "cut.jpg")
+    check_image(str(bad))  # the header check passes ...
+    with pytest.raises(ImageError, match="cannot decode"):  # ... the full decode does not
+        decode_image(bad)
+    line = extract_fails([bad], tiny_model, outdir, 1, must_name=(str(bad),))
+    assert "decode" in line
+
+
+def test_jpeg_truncated_in_header(tmp_path: Path, tiny_model: Path, outdir: Path) -> None:
+    full = tmp_path / "full.jpg"
+    make_photo(48, 64).save(full)
+    bad = tmp_path / "head.jpg"
+    bad.write_bytes(full.read_bytes()[:100])
+    with pytest.raises(ImageError):
+        check_image(str(bad))
+    extract_fails([bad], tiny_model, outdir, 1, must_name=(str(bad),))
+
+
+def test_zero_byte_file(tmp_path: Path, tiny_model: Path, good: list[Path], outdir: Path) -> None:
+    bad = tmp_path / "empty.png"
+    bad.write_bytes(b"")
+    line = extract_fails([good[0], bad], tiny_model, outdir, 1, must_name=(str(bad),))
+    assert "empty" in line
+
+
+def test_text_file_named_jpg(tmp_path: Path, tiny_model: Path, outdir: Path) -> None:
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("this is not a picture\n" * 20)
+    line = extract_fails([bad], tiny_model, outdir, 1, must_name=(str(bad),))
+    assert "not an image" in line
+
+
+def test_missing_file(tmp_path: Path, tiny_model: Path, good: list[Path], outdir: Path) -> None:
+    bad = tmp_path / "nope.jpg"
+    line = extract_fails([*good, bad], tiny_model, outdir, 1, must_name=(str(bad),))
+    assert "no such file" in line
+
+
+def test_directory_given_as_image(tmp_path: Path, tiny_model: Path, outdir: Path) -> None:
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    result = invoke("extract", folder, "-m", tiny_model, "-o", outdir / "out.h5")
+    assert result.exit_code in (1, 2)
+    line = error_line(result, result.exit_code)
+    assert "folder.png" in line
+    assert_left_clean(outdir)
+
+
+def test_decompression_bomb_refused_quickly(tmp_path: Path, tiny_model: Path, outdir: Path) -> None:
+    bomb = _png_claiming(tmp_path / "bomb.png", 30000, 30000)
+    assert bomb.stat().st_size < 100
+    with pytest.raises(Image.DecompressionBombError):  # the patched IHDR (and its CRC) is valid
+        Image.open(bomb)
+    started = time.perf_counter()
+    with pytest.raises(ImageError, match="decompression bomb"):
+        check_image(str(bomb))
+    line = extract_fails([bomb], tiny_model, outdir, 1, must_name=(str(bomb),))
+    assert "decompression bomb" in line
+    assert time.perf_counter() - started < 10
+
+
+def test_image_just_over_pillow_warning_limit_refused(tmp_path: Path, tiny_model: Path, outdir: Path) -> None:
+    """Between MAX_IMAGE_PIXELS and 2x it Pillow only warns; fmap must still refuse."""
+    side = int((Image.MAX_IMAGE_PIXELS or 89_478_485) ** 0.5) + 10
+    bomb = _png_claiming(tmp_path / "big.png", side, side)
+    line = extract_fails([bomb], tiny_model, outdir, 1, must_name=(str(bomb),))
+    assert "decompression bomb" in line

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import pickle
 import sys
 import types
@@ -24,13 +25,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zoo
-from click.testing import CliRunner, Result
-from conftest import REPO, extract_options, make_photo
+from click.testing import Result
+from conftest import REPO, TINY_SPEC, extract_options, make_photo, tiny_weights
+from helpers import assert_left_clean, error_line, extract_fails, invoke, maps_of
 from PIL import Image
 from torch import nn
 
 from fmap_cli.capture import LayerInfo, capture, discover
-from fmap_cli.cli import cli
 from fmap_cli.errors import ModelError, UnknownLayerError
 from fmap_cli.extract import extract
 from fmap_cli.layers import select_layers
@@ -91,10 +92,6 @@ def write_images(directory: Path, n: int, size: tuple[int, int] = SIZE, seed: in
         make_photo(size[0], size[1], seed=seed + i).save(path)
         paths.append(str(path))
     return paths
-
-
-def invoke(*args: Any) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def one_line_error(result: Result, code: int) -> str:
@@ -1272,3 +1269,177 @@ def test_downsample_conv_pairs_through_bn_and_the_residual_add(resnet_layers: di
     assert info.path_to_activation[0] == "layer2.0.downsample.1"
     assert info.path_to_activation[1].startswith("add(+")
     assert info.path_to_activation[-1] == "layer2.0.relu#2"
+
+
+# ---------------------------------------------------------------------------- bad --layers and --size
+
+
+@pytest.mark.parametrize("name", ["conv3", "conv_1"])
+def test_unknown_layer(good: list[Path], tiny_model: Path, outdir: Path, name: str) -> None:
+    line = extract_fails(good, tiny_model, outdir, 2, "--layers", name, must_name=("--layers", f"'{name}'"))
+    for available in ("conv1", "pool1", "conv2"):
+        assert available in line
+    if name == "conv_1":
+        assert "did you mean 'conv1'" in line
+    else:
+        assert "did you mean 'conv" in line
+
+
+def test_unknown_layer_among_good_ones(good: list[Path], tiny_model: Path, outdir: Path) -> None:
+    extract_fails(good, tiny_model, outdir, 2, "--layers", "conv1,convv2", must_name=("'convv2'", "'conv2'"))
+
+
+def test_size_too_small_for_kernels(good: list[Path], tiny_model: Path, outdir: Path) -> None:
+    line = error_line(invoke("extract", *good, "-m", tiny_model, "-o", outdir / "out.h5", "--size", "2"), 2)
+    assert "conv2" in line and line.startswith("Error: --size 2,2: ")
+    assert_left_clean(outdir)
+
+
+def test_layers_command_size_too_small(tiny_model: Path) -> None:
+    line = error_line(invoke("layers", "-m", tiny_model, "--size", "2"), 2)  # a bad flag value: usage error
+    assert "conv2" in line and "--size 2,2" in line
+
+
+# ---------------------------------------------------------------------------- --device
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is missing")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_requested_without_cuda(good: list[Path], tiny_model: Path, outdir: Path, device: str) -> None:
+    line = extract_fails(good, tiny_model, outdir, 2, "--device", device, must_name=("--device",))
+    assert "CUDA" in line
+
+
+@pytest.mark.parametrize("device", ["gpu", "tpu0", "meta"])
+def test_unknown_device(good: list[Path], tiny_model: Path, outdir: Path, device: str) -> None:
+    extract_fails(good, tiny_model, outdir, 2, "--device", device, must_name=("--device", device))
+
+
+# ---------------------------------------------------------------------------- built-in models
+
+
+def test_unknown_builtin_name() -> None:
+    line = error_line(invoke("layers", "-m", "edgez"), 2)
+    assert "edgez" in line and "did you mean 'edges'" in line
+
+
+# ---------------------------------------------------------------------------- weights files
+
+
+def weights_case(tmp_path: Path, weights: dict[str, np.ndarray] | None, name: str = "tiny.npz") -> Path:
+    directory = tmp_path / "model"
+    directory.mkdir(exist_ok=True)
+    spec = directory / "tiny.toml"
+    spec.write_text(TINY_SPEC.replace('"tiny.npz"', f'"{name}"'))
+    if weights is not None:
+        np.savez(directory / name, **weights)
+    return spec
+
+
+def test_missing_weights_file(tmp_path: Path, good: list[Path], outdir: Path) -> None:
+    spec = weights_case(tmp_path, None)
+    extract_fails(good, spec, outdir, 1, must_name=(str(spec.parent / "tiny.npz"),))
+
+
+def test_npz_missing_key(tmp_path: Path, good: list[Path], outdir: Path) -> None:
+    weights = tiny_weights()
+    del weights["conv2.bias"]
+    spec = weights_case(tmp_path, weights)
+    line = extract_fails(good, spec, outdir, 1, must_name=("conv2.bias", "tiny.npz"))
+    assert "missing" in line
+
+
+def test_npz_extra_key(tmp_path: Path, good: list[Path], outdir: Path) -> None:
+    weights = {**tiny_weights(), "conv3.weight": np.zeros((2, 5, 1, 1), np.float32)}
+    spec = weights_case(tmp_path, weights)
+    line = extract_fails(good, spec, outdir, 1, must_name=("conv3.weight", "tiny.npz"))
+    assert "unexpected" in line
+
+
+def test_npz_wrong_shape(tmp_path: Path, good: list[Path], outdir: Path) -> None:
+    weights = {**tiny_weights(), "conv1.weight": np.zeros((4, 3, 5, 5), np.float32)}
+    spec = weights_case(tmp_path, weights)
+    extract_fails(good, spec, outdir, 1, must_name=("conv1.weight", "(4, 3, 5, 5)", "(4, 3, 3, 3)", "tiny.npz"))
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_npz_non_finite(tmp_path: Path, good: list[Path], outdir: Path, bad_value: float) -> None:
+    weights = tiny_weights()
+    weights["conv2.weight"][1, 2, 0, 1] = bad_value
+    spec = weights_case(tmp_path, weights)
+    line = extract_fails(good, spec, outdir, 1, must_name=("conv2.weight", "tiny.npz"))
+    assert "NaN" in line
+
+
+def test_corrupt_npz(tmp_path: Path, good: list[Path], outdir: Path) -> None:
+    spec = weights_case(tmp_path, None)
+    (spec.parent / "tiny.npz").write_bytes(b"PK\x03\x04 definitely not a zip archive")
+    extract_fails(good, spec, outdir, 1, must_name=(str(spec.parent / "tiny.npz"),))
+
+
+def test_unsupported_weights_extension(tmp_path: Path, good: list[Path], outdir: Path) -> None:
+    spec = weights_case(tmp_path, None, name="tiny.bin")
+    (spec.parent / "tiny.bin").write_bytes(b"\0" * 64)
+    extract_fails(good, spec, outdir, 1, must_name=("tiny.bin",))
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["state_dict", "nested_state_dict"])
+def test_pt_state_dict_matches_npz(
+    tmp_path: Path, good: list[Path], tiny_model: Path, outdir: Path, wrapped: bool
+) -> None:
+    spec = weights_case(tmp_path, None, name="tiny.pt")
+    state = {key: torch.from_numpy(value) for key, value in tiny_weights().items()}
+    torch.save({"state_dict": state} if wrapped else state, spec.parent / "tiny.pt")
+    npz_out, pt_out = outdir / "npz.h5", outdir / "pt.h5"
+    assert invoke("extract", *good, "-m", tiny_model, "-o", npz_out).exit_code == 0
+    result = invoke("extract", *good, "-m", spec, "-o", pt_out)
+    assert result.exit_code == 0, result.output
+    a, b = maps_of(npz_out), maps_of(pt_out)
+    assert a and sorted(a) == sorted(b)
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+
+
+def _touch_marker(path: str) -> None:  # pragma: no cover - must never run
+    Path(path).write_text("code from a weights file ran")
+
+
+class Payload:
+    """Unpickling this would run _touch_marker: a weights file must never get that far."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (_touch_marker, (self.marker,))
+
+
+@pytest.mark.parametrize("how", ["torch_save", "plain_pickle", "os_system"])
+def test_pickled_code_in_pt_refused(tmp_path: Path, good: list[Path], outdir: Path, how: str) -> None:
+    marker = tmp_path / "MARKER"
+    spec = weights_case(tmp_path, None, name="tiny.pt")
+    target = spec.parent / "tiny.pt"
+    state: dict[str, object] = {key: torch.from_numpy(value) for key, value in tiny_weights().items()}
+    state["conv1.weight"] = Payload(str(marker))
+    if how == "torch_save":
+        torch.save(state, target)
+    elif how == "plain_pickle":
+        target.write_bytes(pickle.dumps(state))
+    else:
+
+        class System:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        with open(target, "wb") as handle:
+            pickle.Pickler(handle).dump({"conv1.weight": System()})
+    line = extract_fails(good, spec, outdir, 1, must_name=(str(target),))
+    assert "weights_only" in line or "never runs code" in line
+    assert not marker.exists()
+
+
+def test_pt_not_a_state_dict(tmp_path: Path, good: list[Path], outdir: Path) -> None:
+    spec = weights_case(tmp_path, None, name="tiny.pt")
+    torch.save([torch.zeros(3)], spec.parent / "tiny.pt")
+    line = extract_fails(good, spec, outdir, 1, must_name=("tiny.pt",))
+    assert "state dict" in line

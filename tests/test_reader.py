@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import REPO, TINY_SPEC, make_photo, tiny_weights
 from h5py import h5d, h5p, h5s, h5t
+from helpers import error_line
 
 from fmap_cli.cli import cli
 from fmap_cli.errors import FmapFileError
@@ -134,6 +135,57 @@ def test_unreadable_versions(good: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(schema, "READABLE_VERSIONS", (1, 3))
     gap = copy_with(good, "gap.h5", fmap_schema_version=np.int64(2))
     assert_refused(fmap("inspect", gap), f"{gap}: schema version 2 is not one this fmap reads (1, 3)")
+
+
+# ---------------------------------------------------------------------------- files inspect cannot read
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_inspect_incomplete(good: Path, as_json: bool) -> None:
+    bad = copy_with(good, "incomplete.h5", complete=np.int8(0))
+    line = error_line(fmap("inspect", bad, *(["--json"] if as_json else [])), 1)
+    assert str(bad) in line and "incomplete" in line
+
+
+def test_inspect_newer_schema(good: Path) -> None:
+    bad = copy_with(good, "newer.h5", fmap_schema_version=np.int64(99))
+    line = error_line(fmap("inspect", bad), 1)
+    assert str(bad) in line and "99" in line and "newer" in line
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.5, 0.95])
+def test_inspect_truncated(good: Path, fraction: float) -> None:
+    bad = good.with_name("truncated.h5")
+    data = good.read_bytes()
+    bad.write_bytes(data[: int(len(data) * fraction)])
+    result = fmap("inspect", bad)
+    assert result.exit_code != 0
+    assert str(bad) in error_line(result, result.exit_code)
+
+
+def test_inspect_not_hdf5_and_missing(tmp_path: Path) -> None:
+    text = tmp_path / "notes.h5"
+    text.write_text("hello")
+    assert str(text) in error_line(fmap("inspect", text), 1)
+    missing = tmp_path / "missing.h5"
+    assert str(missing) in error_line(fmap("inspect", missing), 1)
+
+
+def test_inspect_hdf5_not_from_fmap(tmp_path: Path) -> None:
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = np.arange(3)
+    line = error_line(fmap("inspect", other), 1)
+    assert str(other) in line and "fmap" in line
+
+
+def test_inspect_damaged_structure(good: Path) -> None:
+    bad = good.with_name("damaged.h5")
+    shutil.copy(good, bad)
+    with h5py.File(bad, "r+") as f:
+        del f["images/original_size"]
+    line = error_line(fmap("inspect", bad), 1)
+    assert str(bad) in line
 
 
 # ---------------------------------------------------------------------------- rows along N

@@ -1,13 +1,19 @@
-"""Spec files with absurd sizes are refused, naming the file, the layer and the key, before any
-tensor is allocated (a typo like ``out_channels = 1000000000`` must not end in the OOM killer)."""
+"""Spec files (fmap_cli.spec): TOML and JSON read alike; every mistake in one (syntax, keys, types,
+values, encoding, the file's name) is one error line naming the file, the layer and the key; and
+absurd sizes are refused before any tensor is allocated (a typo like ``out_channels = 1000000000``
+must not end in the OOM killer)."""
 
 from __future__ import annotations
 
+import json
+import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import make_photo
+from conftest import TINY_SPEC, make_photo, tiny_weights
+from helpers import error_line, extract_fails, invoke, maps_of
 
 import fmap_cli.models
 from fmap_cli.cli import cli
@@ -41,6 +47,9 @@ name = "fc"
 type = "linear"
 out_features = {features}
 """
+# ---------------------------------------------------------------------------- absurd sizes
+
+
 LIMIT = "more than fmap's limit of"
 
 CASES = {
@@ -67,7 +76,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def no_network_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
     """Building the network is the allocation the check must come before."""
 
@@ -77,6 +86,7 @@ def no_network_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fmap_cli.models.SpecNet, "__init__", refuse)
 
 
+@pytest.mark.usefixtures("no_network_is_built")
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("command", ["layers", "extract"])
 def test_absurd_sizes_are_refused_before_allocation(case: str, command: str, tmp_path: Path) -> None:
@@ -98,8 +108,122 @@ def test_absurd_sizes_are_refused_before_allocation(case: str, command: str, tmp
     assert str(caught.value) == f"{spec}: {message}"
 
 
+@pytest.mark.usefixtures("no_network_is_built")
 def test_sizes_just_under_the_limits_are_accepted(tmp_path: Path) -> None:
     spec = tmp_path / "big.toml"
     # 16 x 16384 x 4096 float32 is exactly 4 GiB; 3 x 3 x 3 x 16 + 16 parameters.
     spec.write_text(HEAD.format(size="16384, 4096") + CONV.format(channels=16, padding=1))
     assert load_spec(spec).layers[0].params["out_channels"] == 16
+
+
+# ---------------------------------------------------------------------------- mistakes in a spec file
+
+
+def write_spec(directory: Path, text: str, name: str = "spec.toml") -> Path:
+    directory.mkdir(exist_ok=True)
+    np.savez(directory / "tiny.npz", **tiny_weights())
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+SPEC_ERRORS = {
+    "negative_kernel": (
+        TINY_SPEC.replace("kernel_size = 3", "kernel_size = -3", 1),
+        ("layer 'conv1'", "kernel_size must be a positive integer", "-3"),
+    ),
+    "unknown_key": (
+        TINY_SPEC.replace("kernel_size = 3", "kernal_size = 3", 1),
+        ("layer 'conv1'", "unknown key 'kernal_size'", "did you mean 'kernel_size'"),
+    ),
+    "unknown_type": (
+        TINY_SPEC.replace('type = "conv2d"', 'type = "conv2dd"', 1),
+        ("layer 'conv1'", "type", "'conv2dd'", "did you mean 'conv2d'"),
+    ),
+    "unknown_activation": (
+        TINY_SPEC.replace('activation = "relu"', 'activation = "rleu"', 1),
+        ("layer 'conv1'", "activation", "'rleu'", "did you mean 'relu'"),
+    ),
+    "missing_weights_key": (
+        TINY_SPEC.replace('weights = "tiny.npz"\n', ""),
+        ("[model]", "'weights'"),
+    ),
+    "missing_required": (
+        TINY_SPEC.replace("out_channels = 5\n", ""),
+        ("layer 'conv2'", "out_channels"),
+    ),
+    "bad_stride_in_second_layer": (
+        TINY_SPEC.replace("stride = 2", "stride = 0"),
+        ("layer 'conv2'", "stride", "positive integer"),
+    ),
+    "bad_input_size": (
+        TINY_SPEC.replace("size = [20, 24]", "size = [20, 24, 3]"),
+        ("[input]", "size"),
+    ),
+    "toml_syntax": (
+        TINY_SPEC.replace("kernel_size = 3", "kernel_size = = 3", 1),
+        ("cannot parse",),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPEC_ERRORS))
+def test_spec_errors_in_layers_command(tmp_path: Path, case: str) -> None:
+    text, expected = SPEC_ERRORS[case]
+    spec = write_spec(tmp_path / "model", text)
+    line = error_line(invoke("layers", "-m", spec), 1)
+    assert str(spec) in line
+    for part in expected:
+        assert part in line, f"{part!r} not in {line!r}"
+
+
+@pytest.mark.parametrize("case", sorted(SPEC_ERRORS))
+def test_spec_errors_in_extract(tmp_path: Path, good: list[Path], outdir: Path, case: str) -> None:
+    text, expected = SPEC_ERRORS[case]
+    spec = write_spec(tmp_path / "model", text)
+    extract_fails(good, spec, outdir, 1, must_name=(str(spec), *expected))
+
+
+def test_json_spec_equivalent_to_toml(tmp_path: Path, good: list[Path], tiny_model: Path) -> None:
+    json_spec = write_spec(tmp_path / "json_model", json.dumps(tomllib.loads(TINY_SPEC)), name="tiny.json")
+    toml_out, json_out = tmp_path / "toml.h5", tmp_path / "json.h5"
+    assert invoke("extract", *good, "-m", tiny_model, "-o", toml_out).exit_code == 0
+    result = invoke("extract", *good, "-m", json_spec, "-o", json_out)
+    assert result.exit_code == 0, result.output
+    a, b = maps_of(toml_out), maps_of(json_out)
+    assert sorted(a) == sorted(b) and a
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    assert "conv1" in invoke("layers", "-m", json_spec).stdout
+
+
+def test_json_spec_syntax_error(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "m", '{"model": {"name": "x",', name="bad.json")
+    line = error_line(invoke("layers", "-m", spec), 1)
+    assert str(spec) in line and "cannot parse" in line
+
+
+def test_nonexistent_spec(tmp_path: Path, good: list[Path], outdir: Path) -> None:
+    spec = tmp_path / "missing.toml"
+    assert str(spec) in error_line(invoke("layers", "-m", spec), 1)
+    extract_fails(good, spec, outdir, 1, must_name=(str(spec),))
+
+
+@pytest.mark.parametrize("name", ["spec.yaml", "spec", "tiny.npz"])
+def test_wrong_extension_spec(tmp_path: Path, good: list[Path], outdir: Path, name: str) -> None:
+    spec = tmp_path / "m" / name
+    if name != "tiny.npz":  # a valid spec under a wrong name; tiny.npz is the weights file itself
+        write_spec(spec.parent, TINY_SPEC, name=name)
+    else:
+        write_spec(spec.parent, TINY_SPEC)
+    # an unrecognisable --model value is a usage error (exit 2) naming the flag and the value
+    line = error_line(invoke("layers", "-m", spec), 2)
+    assert str(spec) in line and "--model" in line and ".toml/.json spec" in line
+    extract_fails(good, spec, outdir, 2, must_name=(str(spec),))
+
+
+def test_spec_not_utf8(tmp_path: Path) -> None:
+    spec = tmp_path / "latin1.toml"
+    spec.write_bytes(TINY_SPEC.replace('name = "tiny"', 'name = "tiny\xe9"').encode("latin-1"))
+    line = error_line(invoke("layers", "-m", spec), 1)
+    assert str(spec) in line and "UTF-8" in line

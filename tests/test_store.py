@@ -1,28 +1,50 @@
-"""The store's guarantees: atomic, locked output that never replaces what it must not, continuation
-(--resume, --append) that never loses or duplicates work, and clean failures when the disk does."""
+"""The store's guarantees: atomic, locked output that never replaces what it must not, the storage
+options (--dtype, --compression, --store), continuation (--resume, --append) that never loses or
+duplicates work, and clean failures when the disk does."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import h5py
+import numpy as np
 import pytest
-from click.testing import CliRunner, Result
-from conftest import extract_options, make_photo
+from click.testing import Result
+from conftest import TINY_SPEC, extract_options, make_photo, tiny_weights
+from helpers import (
+    FMAP,
+    LAYERS,
+    ROLES,
+    assert_left_clean,
+    check_stats_match_maps,
+    error_line,
+    extract_fails,
+    invoke,
+    maps_of,
+    ok,
+    partials,
+    run_extract,
+    script_env,
+    stored_index,
+    stored_paths,
+    truncated_jpeg,
+    write_photos,
+)
 
-from fmap_cli.cli import cli
 from fmap_cli.errors import FmapError, StoppedError, UsageError
 from fmap_cli.extract import extract
 from fmap_cli.store.atomic import AtomicOutput, check_target, partial_files
 from fmap_cli.store.merge import merge_shards
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
+from fmap_cli.store.writer import MapWriter
 
 
 def last_line(result: Result) -> str:
@@ -131,6 +153,168 @@ def test_an_empty_shard_with_overwrite_removes_an_older_output(
     assert not out.exists()
 
 
+def test_bad_file_in_middle_with_overwrite_keeps_old_file(
+    tmp_path: Path, tiny_model: Path, good: list[Path], outdir: Path
+) -> None:
+    out = outdir / "out.h5"
+    assert invoke("extract", good[0], "-m", tiny_model, "-o", out).exit_code == 0
+    old = out.read_bytes()
+    bad = truncated_jpeg(tmp_path / "middle.jpg")
+    result = invoke("extract", good[0], bad, good[1], "-m", tiny_model, "-o", out, "--batch-size", "1", "--overwrite")
+    assert str(bad) in error_line(result, 1)
+    assert out.read_bytes() == old  # a failed --overwrite run does not destroy the previous result
+    assert_left_clean(outdir, {"out.h5"})
+
+
+def test_existing_output_untouched_without_overwrite(good: list[Path], tiny_model: Path, outdir: Path) -> None:
+    out = outdir / "out.h5"
+    out.write_bytes(b"precious bytes")
+    line = extract_fails(good, tiny_model, outdir, 2, must_name=(str(out), "--overwrite"))
+    assert "exists" in line
+    assert out.read_bytes() == b"precious bytes"
+
+
+def test_output_directory_missing(good: list[Path], tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "nonexistent" / "dir" / "out.h5"
+    result = invoke("extract", *good, "-m", tiny_model, "-o", out)
+    assert result.exit_code in (1, 2)
+    line = error_line(result, result.exit_code)
+    assert str(out.parent) in line
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_output_is_an_existing_directory(good: list[Path], tiny_model: Path, outdir: Path) -> None:
+    target = outdir / "maps.h5"
+    target.mkdir()
+    line = error_line(invoke("extract", *good, "-m", tiny_model, "-o", target), 2)
+    assert "maps.h5" in line
+    assert_left_clean(outdir, {"maps.h5"})
+    assert target.is_dir() and not any(target.iterdir())
+
+
+# ---------------------------------------------------------------------------- storage: --dtype, --compression, --store
+
+
+def test_float16_maps_equal_float32_cast(tmp_path: Path, tiny_model: Path) -> None:
+    images = write_photos(tmp_path / "imgs", 3)
+    full, half = tmp_path / "f32.h5", tmp_path / "f16.h5"
+    ok(run_extract(images, tiny_model, full))
+    ok(run_extract(images, tiny_model, half, "--dtype", "float16"))
+    want, got = maps_of(full), maps_of(half)
+    assert got.keys() == want.keys() and len(got) == 4
+    for key in want:
+        assert want[key].dtype == np.float32
+        assert got[key].dtype == np.float16, key
+        np.testing.assert_array_equal(got[key], want[key].astype(np.float16), err_msg=key)
+    assert half.stat().st_size < full.stat().st_size
+    with h5py.File(half, "r") as f:
+        assert json.loads(f.attrs["storage"])["dtype"] == "float16"
+
+
+def test_float16_overflow_is_a_clean_error(tmp_path: Path) -> None:
+    weights = tiny_weights()
+    weights["conv1.weight"] = weights["conv1.weight"] * 1e6  # z of conv1 far beyond 65504
+    huge = spec_with_weights(tmp_path, "huge", weights)
+    images = write_photos(tmp_path / "imgs", 2)
+    out = tmp_path / "out.h5"
+    ok(run_extract(images, huge, tmp_path / "f32.h5"))  # fine in float32
+    line = error_line(run_extract(images, huge, out, "--dtype", "float16"), 1)
+    assert "conv1" in line and "--dtype" in line and "float16" in line
+    assert not out.exists() and not partials(out)
+
+
+def codecs(path: Path) -> dict[str, tuple[Any, Any]]:
+    with h5py.File(path, "r") as f:
+        return {
+            f"{layer}/{role}": (f[f"layers/{layer}/{role}"].compression, f[f"layers/{layer}/{role}"].compression_opts)
+            for layer in f["layers"]
+            for role in ROLES
+        }
+
+
+@pytest.mark.parametrize(
+    ("options", "z", "a"),
+    [
+        ([], (None, None), ("gzip", 1)),
+        (["--compression", "lzf"], (None, None), ("lzf", None)),
+        (["--compression", "none"], (None, None), (None, None)),
+        (["--compression", "gzip:4"], (None, None), ("gzip", 4)),
+        (["--compression", "gzip"], (None, None), ("gzip", 1)),
+        (["--z-compression", "gzip"], ("gzip", 1), ("gzip", 1)),
+        (["--z-compression", "lzf", "--compression", "none"], ("lzf", None), (None, None)),
+        (["--z-compression", "gzip:6", "--compression", "lzf"], ("gzip", 6), ("lzf", None)),
+    ],
+)
+def test_compression_options(tmp_path: Path, tiny_model: Path, options: list[str], z: tuple, a: tuple) -> None:
+    images = write_photos(tmp_path / "imgs", 2)
+    out = tmp_path / "out.h5"
+    ok(run_extract(images, tiny_model, out, *options))
+    found = codecs(out)
+    for layer in LAYERS:
+        assert found[f"{layer}/preactivation"] == z
+        assert found[f"{layer}/activation"] == a
+    ok(run_extract(images, tiny_model, tmp_path / "plain.h5", "--compression", "none"))
+    want = maps_of(tmp_path / "plain.h5")
+    for key, values in maps_of(out).items():  # lossless
+        np.testing.assert_array_equal(values, want[key])
+
+
+@pytest.mark.parametrize(
+    ("options", "z", "a"),
+    [
+        # each codec keeps its own level
+        (["--compression", "gzip:4", "--z-compression", "gzip:9"], ("gzip", 9), ("gzip", 4)),
+        # level 0 is a valid gzip level (store only), not "default"
+        (["--compression", "gzip:0"], (None, None), ("gzip", 0)),
+    ],
+)
+def test_compression_levels_are_honoured(
+    tmp_path: Path, tiny_model: Path, options: list[str], z: tuple, a: tuple
+) -> None:
+    images = write_photos(tmp_path / "imgs", 1)
+    out = tmp_path / "out.h5"
+    ok(run_extract(images, tiny_model, out, *options))
+    found = codecs(out)
+    assert found["conv1/preactivation"] == z
+    assert found["conv1/activation"] == a
+
+
+def test_store_a_only(tmp_path: Path, tiny_model: Path) -> None:
+    images = write_photos(tmp_path / "imgs", 3)
+    both, only_a = tmp_path / "both.h5", tmp_path / "a.h5"
+    ok(run_extract(images, tiny_model, both))
+    ok(run_extract(images, tiny_model, only_a, "--store", "a"))
+    with h5py.File(only_a, "r") as f:
+        for layer in LAYERS:
+            group = f[f"layers/{layer}"]
+            assert "preactivation" not in group
+            assert "activation" in group
+            assert "preactivation_mean" in group["stats"]  # z statistics still computed while writing
+    want = maps_of(both)
+    for key, values in maps_of(only_a).items():
+        np.testing.assert_array_equal(values, want[key])
+    want_stats = stats_of(both)
+    got_stats = stats_of(only_a)
+    assert got_stats.keys() == want_stats.keys()
+    for key in want_stats:
+        np.testing.assert_allclose(got_stats[key], want_stats[key], rtol=1e-6, err_msg=key)
+    assert only_a.stat().st_size < both.stat().st_size
+
+
+def test_store_z_only(tmp_path: Path, tiny_model: Path) -> None:
+    images = write_photos(tmp_path / "imgs", 2)
+    out = tmp_path / "z.h5"
+    ok(run_extract(images, tiny_model, out, "--store", "z"))
+    with h5py.File(out, "r") as f:
+        for layer in LAYERS:
+            group = f[f"layers/{layer}"]
+            assert "activation" not in group
+            assert "preactivation" in group
+            assert int(group.attrs["has_activation"]) == 0
+            assert "activation_max" in group["stats"]
+    ok(run_extract(images, tiny_model, tmp_path / "zz.h5", "--store", "z,z"))
+
+
 # ---------------------------------------------------------------------------- --resume
 
 
@@ -186,6 +370,232 @@ def test_resume_ignores_the_temporary_files_of_other_outputs(
     assert result.exit_code == 0, result.output
     assert f"--resume: no temporary file of an earlier run beside {out}; starting from the beginning" in result.stderr
     assert theirs.exists()
+
+
+def stats_of(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return {
+            f"{layer}/{name}": f[f"layers/{layer}/stats/{name}"][...]
+            for layer in f["layers"]
+            for name in f[f"layers/{layer}/stats"]
+        }
+
+
+def assert_same_result(got: Path, want: Path) -> None:
+    """Two files hold the same images in the same order with the same maps and statistics."""
+    assert stored_paths(got) == stored_paths(want)
+    assert stored_index(got) == stored_index(want)
+    got_maps, want_maps = maps_of(got), maps_of(want)
+    assert got_maps.keys() == want_maps.keys()
+    for key in want_maps:
+        np.testing.assert_allclose(got_maps[key], want_maps[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    got_stats, want_stats = stats_of(got), stats_of(want)
+    assert got_stats.keys() == want_stats.keys()
+    for key in want_stats:
+        np.testing.assert_allclose(got_stats[key], want_stats[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    with h5py.File(got, "r") as f:
+        assert int(f.attrs["complete"]) == 1
+
+
+def make_partial(
+    images: Sequence[Path], model: Path, out: Path, batch_size: int = 2, batches: int = 2, **kw: Any
+) -> Path:
+    """What a run interrupted after ``batches`` batches leaves: its temporary file beside ``out``.
+
+    The library polls ``stop_requested`` before and after every batch; answering SIGTERM at the
+    poll after batch ``batches`` stops it there, deterministically.
+    """
+    polls = 0
+
+    def stop() -> int | None:
+        nonlocal polls
+        polls += 1
+        return signal.SIGTERM if polls >= 2 * batches else None
+
+    options = extract_options([str(p) for p in images], out=out, model=str(model), batch_size=batch_size, **kw)
+    with pytest.raises(StoppedError):
+        extract(options, stop_requested=stop)
+    assert not out.exists()
+    [partial] = partials(out)
+    with h5py.File(partial, "r") as f:
+        assert int(f.attrs["n_images"]) == batch_size * batches
+        assert int(f.attrs["complete"]) == 0
+    return partial
+
+
+def spec_with_weights(folder: Path, name: str, weights: dict[str, np.ndarray]) -> Path:
+    spec = folder / f"{name}.toml"
+    spec.write_text(TINY_SPEC.replace('weights = "tiny.npz"', f'weights = "{name}.npz"'))
+    np.savez(folder / f"{name}.npz", **weights)
+    return spec
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path, tiny_model: Path) -> None:
+    """The installed script, SIGKILLed while writing, then --resume: same file as one clean run."""
+    folder = tmp_path / "imgs"
+    images = write_photos(folder, 200, size=(12, 12))
+    out = tmp_path / "out.h5"
+    proc = subprocess.Popen(
+        [str(FMAP), "extract", folder, "-m", tiny_model, "-o", out, "-b", "1", "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=script_env(),
+    )
+    kept = 0
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = partials(out)
+            if found:
+                try:  # the writer holds an HDF5 lock: read without locking, retry on a torn read
+                    with h5py.File(found[0], "r", locking=False) as f:
+                        kept = int(f.attrs["n_images"])
+                except (OSError, KeyError, ValueError):
+                    kept = 0
+                if kept >= 3:
+                    break
+            time.sleep(0.005)
+        assert kept >= 3, f"never saw 3 images written; exit {proc.poll()}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists(), "the run finished before it was killed"
+    [partial] = partials(out)
+    with h5py.File(partial, "r") as f:
+        assert int(f.attrs["complete"]) == 0
+
+    # the resume runs in a process of its own too: a crash (e.g. HDF5 on a damaged file) fails this
+    # test instead of killing pytest
+    resumed = subprocess.run(
+        [str(FMAP), "extract", folder, "-m", tiny_model, "-o", out, "--resume"],
+        capture_output=True,
+        text=True,
+        env=script_env(),
+        timeout=120,
+    )
+    assert resumed.returncode == 0, f"exit {resumed.returncode}\n{resumed.stderr}"
+    assert resumed.stdout == f"{out}\n"
+    assert "continuing" in resumed.stderr, resumed.stderr
+    assert not partials(out)
+    reference = tmp_path / "ref.h5"
+    ok(run_extract([folder], tiny_model, reference))
+    assert stored_paths(out) == [str(p) for p in images]
+    assert_same_result(out, reference)
+    check_stats_match_maps(out)
+
+
+def test_resume_from_interrupted_partial(tmp_path: Path, tiny_model: Path) -> None:
+    images = write_photos(tmp_path / "imgs", 9)
+    out = tmp_path / "out.h5"
+    make_partial(images, tiny_model, out, batch_size=2, batches=2)
+    result = ok(run_extract(images, tiny_model, out, "--resume", "-b", "2", "--json"))
+    assert "continuing" in result.stderr and "4 images kept" in result.stderr
+    assert not partials(out)
+    reference = tmp_path / "ref.h5"
+    ok(run_extract(images, tiny_model, reference, "-b", "4"))
+    assert_same_result(out, reference)
+    check_stats_match_maps(out)
+
+
+def test_resume_without_partial_starts_fresh(tmp_path: Path, tiny_model: Path) -> None:
+    images = write_photos(tmp_path / "imgs", 3)
+    out = tmp_path / "out.h5"
+    result = ok(run_extract(images, tiny_model, out, "--resume"))
+    assert "starting from the beginning" in result.stderr
+    assert "no temporary file" in result.stderr
+    assert stored_paths(out) == [str(p) for p in images]
+    assert not partials(out)
+
+
+def test_resume_from_corrupt_partial_starts_over(tmp_path: Path, tiny_model: Path) -> None:
+    images = write_photos(tmp_path / "imgs", 6)
+    out = tmp_path / "out.h5"
+    partial = make_partial(images, tiny_model, out)
+    partial.write_bytes(partial.read_bytes()[:7])
+    result = ok(run_extract(images, tiny_model, out, "--resume"))
+    assert "unreadable" in result.stderr and "starting from the beginning" in result.stderr
+    assert not partials(out)
+    reference = tmp_path / "ref.h5"
+    ok(run_extract(images, tiny_model, reference))
+    assert_same_result(out, reference)
+
+
+def test_resume_from_partial_with_no_images_yet(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed after creating its temporary file but before its first batch was written
+    (e.g. while the first images decode) leaves a partial with n_images = 0 and no channel statistics."""
+    images = write_photos(tmp_path / "imgs", 3)
+    out = tmp_path / "out.h5"
+    orphan = out.with_name(f".{out.name}.99999-0a1b2c.partial")  # as a killed process 99999 would name it
+
+    class KilledError(Exception):
+        pass
+
+    def killed_before_first_batch(self: MapWriter, batch: Any) -> None:
+        self.file().flush()
+        orphan.write_bytes(self.path.read_bytes())  # the file as a SIGKILL here would leave it
+        raise KilledError
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MapWriter, "append", killed_before_first_batch)
+        with pytest.raises(KilledError):
+            extract(extract_options([str(p) for p in images], out=out, model=str(tiny_model)))
+    assert partials(out) == [orphan]
+    ok(run_extract(images, tiny_model, out, "--resume"))
+    assert stored_paths(out) == [str(p) for p in images]
+    assert not partials(out)
+    check_stats_match_maps(out)
+
+
+@pytest.mark.parametrize("differ", ["weights", "input list"])
+def test_resume_partial_made_differently_is_a_usage_error(tmp_path: Path, tiny_model: Path, differ: str) -> None:
+    images = write_photos(tmp_path / "imgs", 6)
+    out = tmp_path / "out.h5"
+    partial = make_partial(images, tiny_model, out)
+    before = partial.read_bytes()
+    model = tiny_model
+    if differ == "weights":
+        model = spec_with_weights(tmp_path, "other", tiny_weights(seed=1))
+    else:
+        images = [*images, *write_photos(tmp_path / "more", 1, start=50)]
+    line = error_line(run_extract(images, model, out, "--resume"), 2)
+    assert differ in line and "--resume" in line
+    assert partial.read_bytes() == before  # kept for a run that matches
+    assert not out.exists()
+
+
+def test_resume_with_changed_image_starts_over(tmp_path: Path, tiny_model: Path) -> None:
+    images = write_photos(tmp_path / "imgs", 6)
+    out = tmp_path / "out.h5"
+    make_partial(images, tiny_model, out)
+    make_photo(16, 18, seed=99).save(images[1])  # written before the interruption, changed since
+    result = ok(run_extract(images, tiny_model, out, "--resume"))
+    assert "changed since it was written" in result.stderr and "starting from the beginning" in result.stderr
+    assert str(images[1]) in result.stderr
+    assert not partials(out)
+    reference = tmp_path / "ref.h5"
+    ok(run_extract(images, tiny_model, reference))
+    assert_same_result(out, reference)
+
+
+def test_resume_with_skip_bad_processes_every_image(tmp_path: Path, tiny_model: Path) -> None:
+    """--skip-bad records bad headers before the first batch; a resumed run must still do every
+    good image between the last written batch and a bad image further down the list."""
+    images = write_photos(tmp_path / "imgs", 9)
+    bad = tmp_path / "imgs" / "bad.png"
+    bad.write_text("not an image")
+    images.insert(8, bad)  # positions 0-7 good, 8 bad, 9 good
+    out = tmp_path / "out.h5"
+    make_partial(images, tiny_model, out, batch_size=2, batches=2, skip_bad=True)  # 0-3 written
+    ok(run_extract(images, tiny_model, out, "--resume", "--skip-bad", "-b", "2"), 1)
+    assert stored_index(out) == [0, 1, 2, 3, 4, 5, 6, 7, 9]
+    with h5py.File(out, "r") as f:
+        assert f["failures/index"][...].tolist() == [8]  # recorded once
+    check_stats_match_maps(out)
 
 
 # ---------------------------------------------------------------------------- --append
@@ -244,6 +654,135 @@ def test_append_while_another_append_runs_is_refused(photos: list[Path], tiny_mo
     assert result.exit_code == 1, result.output
     assert last_line(result) == f"Error: {out}: in use by another fmap run; wait for it to finish"
     assert n_images(out) == 2
+
+
+def test_append_adds_images(tmp_path: Path, tiny_model: Path) -> None:
+    old = write_photos(tmp_path / "imgs", 3)
+    new = write_photos(tmp_path / "imgs", 2, start=10)
+    out = tmp_path / "out.h5"
+    ok(run_extract(old, tiny_model, out))
+    before = maps_of(out)
+    result = ok(run_extract(new, tiny_model, out, "--append", "--json"))
+    assert json.loads(result.stdout)["output"] == str(out)
+    assert not partials(out)
+    with h5py.File(out, "r") as f:
+        assert int(f.attrs["n_images"]) == 5
+        assert int(f.attrs["n_inputs"]) == 5
+        assert int(f.attrs["complete"]) == 1
+    assert stored_paths(out) == [str(p) for p in (*old, *new)]
+    after = maps_of(out)
+    for key, values in before.items():
+        np.testing.assert_array_equal(after[key][:3], values, err_msg=key)  # old maps untouched
+    reference = tmp_path / "ref.h5"
+    ok(run_extract([*old, *new], tiny_model, reference))
+    for key, values in maps_of(reference).items():
+        np.testing.assert_allclose(after[key], values, rtol=1e-5, atol=1e-6, err_msg=key)
+    check_stats_match_maps(out)  # statistics cover old and new images
+
+
+def test_append_indices_continue_after_old_inputs(tmp_path: Path, tiny_model: Path) -> None:
+    old = write_photos(tmp_path / "imgs", 3)
+    new = write_photos(tmp_path / "imgs", 2, start=10)
+    out = tmp_path / "out.h5"
+    ok(run_extract(old, tiny_model, out))
+    ok(run_extract(new, tiny_model, out, "--append"))
+    assert stored_index(out) == [0, 1, 2, 3, 4]
+
+
+def test_append_reports_images_written_by_this_run(tmp_path: Path, tiny_model: Path) -> None:
+    old = write_photos(tmp_path / "imgs", 3)
+    new = write_photos(tmp_path / "imgs", 2, start=10)
+    out = tmp_path / "out.h5"
+    ok(run_extract(old, tiny_model, out))
+    result = ok(run_extract(new, tiny_model, out, "--append", "--json"))
+    assert json.loads(result.stdout)["images_written"] == 2
+
+
+def test_interrupted_append_leaves_out_unchanged_and_rerun_appends_once(tmp_path: Path, tiny_model: Path) -> None:
+    """An --append stopped part-way leaves OUT exactly as it was (the appended file is built beside
+    it); rerunning the same command (as its message says) gives old + new images, each once, with
+    indices continuing after the old list."""
+    old = write_photos(tmp_path / "imgs", 3)
+    new = write_photos(tmp_path / "imgs", 4, start=10)
+    out = tmp_path / "out.h5"
+    ok(run_extract(old, tiny_model, out))
+    polls = 0
+
+    def stop() -> int | None:
+        nonlocal polls
+        polls += 1
+        return signal.SIGTERM if polls >= 4 else None  # after 2 batches of 1
+
+    before = out.read_bytes()
+    options = extract_options([str(p) for p in new], out=out, model=str(tiny_model), batch_size=1, append=True)
+    with pytest.raises(StoppedError) as stopped:
+        extract(options, stop_requested=stop)
+    assert str(stopped.value) == f"interrupted by signal 15; {out} is unchanged; rerun the same command to append"
+    assert out.read_bytes() == before and not partials(out)
+    ok(run_extract(new, tiny_model, out, "--append"))
+    assert stored_paths(out) == [str(p) for p in (*old, *new)]
+    assert stored_index(out) == list(range(7))
+    with h5py.File(out, "r") as f:
+        assert int(f.attrs["complete"]) == 1
+        assert int(f.attrs["n_images"]) == 7
+        assert int(f.attrs["n_inputs"]) == 7
+    check_stats_match_maps(out)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("model", "model"),
+        ("weights", "weights"),
+        ("layers", "layers"),
+        ("dtype", "--dtype"),
+        ("store", "--store"),
+        ("save-input", "--save-input"),
+    ],
+)
+def test_append_made_differently_is_refused(tmp_path: Path, tiny_model: Path, change: str, named: str) -> None:
+    old = write_photos(tmp_path / "imgs", 2)
+    new = write_photos(tmp_path / "imgs", 1, start=10)
+    out = tmp_path / "out.h5"
+    ok(run_extract(old, tiny_model, out))
+    before = out.read_bytes()
+    model, extra = tiny_model, []
+    if change == "model":
+        model = tmp_path / "wider.toml"
+        model.write_text(TINY_SPEC.replace("out_channels = 5", "out_channels = 6"))
+        weights = tiny_weights()
+        weights["conv2.weight"] = np.concatenate([weights["conv2.weight"], weights["conv2.weight"][:1]])
+        weights["conv2.bias"] = np.concatenate([weights["conv2.bias"], weights["conv2.bias"][:1]])
+        np.savez(tmp_path / "tiny.npz", **weights)  # same weights file name, so only the model differs
+    elif change == "weights":
+        model = spec_with_weights(tmp_path, "other", tiny_weights(seed=3))
+    else:
+        extra = {"layers": ["--layers", "conv1"], "dtype": ["--dtype", "float16"], "store": ["--store", "a"]}.get(
+            change, ["--save-input"]
+        )
+    line = error_line(run_extract(new, model, out, "--append", *extra), 2)
+    assert named in line and "--append" in line
+    assert out.read_bytes() == before
+    assert not partials(out)
+
+
+def test_append_to_missing_file(tmp_path: Path, tiny_model: Path) -> None:
+    images = write_photos(tmp_path / "imgs", 1)
+    out = tmp_path / "missing.h5"
+    line = error_line(run_extract(images, tiny_model, out, "--append"), 2)
+    assert str(out) in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("other", ["--overwrite", "--resume"])
+def test_append_with_overwrite_or_resume(tmp_path: Path, tiny_model: Path, other: str) -> None:
+    images = write_photos(tmp_path / "imgs", 1)
+    out = tmp_path / "out.h5"
+    ok(run_extract(images, tiny_model, out))
+    before = out.read_bytes()
+    line = error_line(run_extract(images, tiny_model, out, "--append", other), 2)
+    assert other in line
+    assert out.read_bytes() == before
 
 
 # ---------------------------------------------------------------------------- a full disk

@@ -1,5 +1,6 @@
-"""fmap inspect's text report (summary.py): its whole text on a file with known statistics, and
-stored text (paths, names) printed with its control characters escaped."""
+"""fmap inspect's report (summary.py): its whole text on a file with known statistics, the same with
+and without stored statistics, --channels, --top, --hist, and stored text (paths, names) printed with
+its control characters escaped."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 from click.testing import CliRunner, Result
-from crafted import craft
+from crafted import craft, with_reference_stats, without_stats
+from helpers import ok
 
 from fmap_cli.cli import cli
 
@@ -85,3 +88,93 @@ def test_stored_text_is_printed_with_control_characters_escaped(tmp_path: Path) 
     wrong = fmap("inspect", path, "--layer", "nope")
     assert wrong.exit_code == 2
     assert wrong.stderr.splitlines()[-1] == f"Error: layer 'nope' not in {path}; stored layers: c\\x1bv, pool"
+
+
+# ---------------------------------------------------------------------------- --channels, --top, --hist
+
+
+def test_text_report_is_the_same_with_and_without_stats(all_layers_file: Path, tmp_path: Path) -> None:
+    scanned = without_stats(all_layers_file, tmp_path / "maps.h5.old")
+    reference = with_reference_stats(all_layers_file, tmp_path / "maps.h5.ref")
+    args = ("--channels", "--top", "3", "--hist")
+    texts = [ok(fmap("inspect", str(p), *args)).stdout.split("\n", 1)[1] for p in (scanned, reference)]
+    assert texts[0] == texts[1]
+
+
+def top_file(tmp_path: Path, stats: bool) -> Path:
+    """Channel 0's max per image is 0.1, 0.9, 0.5, 0.9, 0.0 at known positions; channel 1 grows with n."""
+    a = np.zeros((5, 2, 6, 7), dtype=np.float32)
+    for n, (value, row, col) in enumerate([(0.1, 0, 0), (0.9, 2, 3), (0.5, 5, 6), (0.9, 1, 1), (0.0, 0, 0)]):
+        a[n, 0, row, col] = value
+        a[n, 1] = n / 10
+    paths = [f"/data/cat{n}.jpg" for n in range(5)]
+    return craft(tmp_path / f"top{int(stats)}.h5", {"conv": (a - 0.05, a)}, image_paths=paths, stats=stats)
+
+
+@pytest.mark.parametrize("stats", [True, False])
+def test_top_k_images_by_max_activation(tmp_path: Path, stats: bool) -> None:
+    path = top_file(tmp_path, stats)
+    data = json.loads(
+        ok(fmap("inspect", str(path), "--layer", "conv", "--channel", "0", "--top", "3", "--json")).stdout
+    )
+    (layer,) = data["layers"]
+    assert layer["stats_source"] == ("file" if stats else "scan")
+    (top,) = layer["top"]
+    assert top["channel"] == 0
+    got = [(i["index"], i["path"], round(i["value"], 6), i["row"], i["col"]) for i in top["images"]]
+    assert got == [(1, "/data/cat1.jpg", 0.9, 2, 3), (3, "/data/cat3.jpg", 0.9, 1, 1), (2, "/data/cat2.jpg", 0.5, 5, 6)]
+    text = ok(fmap("inspect", str(path), "--top", "2")).stdout
+    assert "       0: 0.9 [1] /data/cat1.jpg; 0.9 [3] /data/cat3.jpg\n" in text
+    assert "       1: 0.4 [4] /data/cat4.jpg; 0.3 [3] /data/cat3.jpg\n" in text
+
+
+def test_channels_table_and_dead_flag(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(3, 3, 5, 5)).astype(np.float32)
+    z[:, 2] = -1.0  # channel 2 never fires
+    a = np.maximum(z, 0)
+    path = craft(tmp_path / "c.h5", {"conv": (z, a)})
+    layer = json.loads(ok(fmap("inspect", str(path), "--channels", "--json")).stdout)["layers"][0]
+    assert [row["dead"] for row in layer["channels"]] == [False, False, True]
+    row = layer["channels"][0]
+    values = z[:, 0].astype(np.float64)
+    assert row["preactivation"] == pytest.approx(
+        {"min": values.min(), "max": values.max(), "mean": values.mean(), "std": values.std()}
+    )
+    assert row["activation"]["max"] == pytest.approx(float(a[:, 0].max()))
+    assert row["zero_fraction"] == pytest.approx(float((a[:, 0] == 0).mean()))
+    lines = ok(fmap("inspect", str(path), "--channels")).stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.strip().startswith("channel"))
+    assert "z min" in lines[header] and "a std" in lines[header] and lines[header].endswith("zeros  dead")
+    assert lines[header + 3].split()[0] == "2" and lines[header + 3].endswith("100.0%  dead")
+    assert not lines[header + 1].endswith("dead")
+    one = json.loads(ok(fmap("inspect", str(path), "--layer", "conv", "--channel", "1", "--channels", "--json")).stdout)
+    assert [row["channel"] for row in one["layers"][0]["channels"]] == [1]
+
+
+def test_histogram_counts_every_value(tmp_path: Path) -> None:
+    a = np.zeros((2, 2, 4, 4), dtype=np.float32)
+    a[0, 0, 0, :4] = [1, 2, 3, 4]
+    a[1, 1, 3, 3] = 4
+    path = craft(tmp_path / "h.h5", {"conv": (a - 1, a)})
+    layer = json.loads(ok(fmap("inspect", str(path), "--hist", "--json")).stdout)["layers"][0]
+    hist = layer["histogram"]
+    assert hist["role"] == "activation"
+    counts, edges = np.histogram(a, bins=20, range=(0.0, 4.0))
+    assert hist["counts"] == counts.tolist() and hist["edges"] == pytest.approx(edges.tolist())
+    assert sum(hist["counts"]) == a.size
+    text = ok(fmap("inspect", str(path), "--hist")).stdout
+    assert "histogram of a (20 bins" in text
+    first = next(line for line in text.splitlines() if line.strip().startswith("[         0,"))
+    assert f"{a.size - 5}" in first and first.endswith("#" * 40)
+
+
+def test_inspect_detail_errors(tmp_path: Path) -> None:
+    path = top_file(tmp_path, True)
+    result = ok(fmap("inspect", str(path), "--channel", "0"), 2)
+    assert "Error: --channel needs --layer" in result.output
+    result = ok(fmap("inspect", str(path), "--layer", "cnv"), 2)
+    assert "Error: layer 'cnv' not in" in result.output and "did you mean 'conv'?" in result.output
+    result = ok(fmap("inspect", str(path), "--layer", "conv", "--channel", "2", "--top", "1"), 2)
+    assert "Error: channel 2 out of range: layer 'conv' has channels 0..1" in result.output
+    assert ok(fmap("inspect", str(path), "--top", "0"), 2).exit_code == 2
