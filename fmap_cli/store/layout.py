@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import __version__
 from . import schema
-from .chunks import chunk_shape
+from .chunks import chunk_shape, describe_compressors
 
 STR = h5py.string_dtype("utf-8")
 ROW_CHUNK_BYTES = 64 << 10  # chunks of the small datasets along N (records, statistics): at most 64 KiB
@@ -172,6 +172,7 @@ def create_layout(
         input_shape: (3, H, W) to store the input tensor as /input, else None.
         storage: dtype, codecs and roles.
     """
+    codecs = {schema.PREACTIVATION: storage.preactivation, schema.ACTIVATION: storage.activation}
     set_attrs(
         f,
         fmap_schema_version=schema.SCHEMA_VERSION,
@@ -183,6 +184,7 @@ def create_layout(
         glossary=schema.GLOSSARY,
         pairing_rule=schema.PAIRING_RULE,
         storage=storage.describe(),
+        compressor=describe_compressors({r: c for r, c in codecs.items() if r in storage.roles}),
     )
     set_attrs(f, **attrs)
     keep: list[Any] = []

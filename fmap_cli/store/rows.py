@@ -1,8 +1,8 @@
 """Appending rows to an open fmap file: a batch's image records, maps and statistics, failure
 records, and the rows copied from another file when a run is seeded. h5py and numpy only.
 
-Map chunks are compressed in a thread pool (zlib lets go of the GIL) and written as stored bytes;
-per-image statistics are computed in the same pool while this thread writes.
+Map chunks are compressed in a thread pool (ISA-L, else zlib: ``chunks.write_rows``) and written
+as stored bytes; per-image statistics are computed in the same pool while this thread writes.
 """
 
 from __future__ import annotations

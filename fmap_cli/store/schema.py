@@ -166,6 +166,18 @@ SCHEMA: tuple[Node, ...] = (
                 "How maps are stored: dtype, roles kept, codec per role ([filter, gzip level]); --append "
                 "and merge require it to match.",
             ),
+            Attr(
+                "compressor",
+                "str",
+                "The library that compressed the gzip map chunks and its own level, e.g. 'isal 1.9.1 level 1' "
+                "(ISA-L; gzip:1-3 -> its level 1, 4-6 -> 2, 7-9 -> 3) or 'zlib 1.2.13 level 1' (where isal is "
+                "missing; gzip:0 is always zlib's level 0, stored); 'role: ...; role: ...' when z and a differ; "
+                "'none' without gzip. Either way the chunks are standard zlib streams, read by any HDF5 deflate "
+                "filter; the level in the filter's parameters is the gzip:N asked for, information only. Chunks "
+                "copied as stored (--resume, --append, merge) keep the bytes their own writer made. Absent in "
+                "files written before it was added (their chunks are zlib's).",
+                required=False,
+            ),
             Attr("input_list_sha256", "str", "SHA-256 of the whole input list (before sharding), one path a line."),
             Attr("n_inputs", "int64", "Length of that whole input list."),
             Attr(
