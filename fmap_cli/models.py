@@ -14,6 +14,7 @@ import importlib.util
 import json
 import sys
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +136,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
                     break
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise ModelError(f"{path}: expected a state dict (a mapping of names to tensors)")
-            return _strip_prefix({str(k): v.detach() for k, v in state.items()})
+            tensors = {str(k): v.detach() for k, v in state.items()}
+            return _strip_prefix(_state_dict(tensors, getattr(state, "_metadata", None)))
         if suffix == ".safetensors":
             try:
                 from safetensors.torch import load_file
@@ -161,11 +163,24 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
 
 
-def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the ``module.`` prefix DataParallel/DDP put on every key."""
-    if state and all(key.startswith("module.") for key in state):
-        return {key.removeprefix("module."): value for key, value in state.items()}
+def _state_dict(tensors: dict[str, torch.Tensor], metadata: Any = None) -> dict[str, torch.Tensor]:
+    """A state dict as ``nn.Module.state_dict`` makes one: an OrderedDict whose ``_metadata`` maps each
+    module path to its ``{"version": ...}``, which modules such as torchvision's MNASNet read in their
+    ``_load_from_state_dict``. ``metadata`` that is not a mapping of such entries is left out."""
+    state: OrderedDict[str, torch.Tensor] = OrderedDict(tensors)
+    if isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, dict) for k, v in metadata.items()):
+        state._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]  # as PyTorch sets it
     return state
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` prefix DataParallel/DDP put on every key (and on the metadata's module paths)."""
+    if not state or not all(key.startswith("module.") for key in state):
+        return state
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        metadata = {"" if k == "module" else k.removeprefix("module."): v for k, v in metadata.items()}
+    return _state_dict({key.removeprefix("module."): value for key, value in state.items()}, metadata)
 
 
 def _listed(keys: list[str], limit: int = 5) -> str:
@@ -190,12 +205,28 @@ def check_weights(path: Path, expected: dict[str, tuple[int, ...]], weights: dic
 
 
 def load_weights_into(module: nn.Module, path: Path) -> str:
-    """Load a state dict file into ``module`` after checking every key and shape; return its SHA-256."""
+    """Load a state dict file into ``module`` after checking every key and shape; return its SHA-256.
+
+    Loads as PyTorch does, with the file's module versions (``_metadata``); a file without them
+    (.npz, .safetensors) is read as the layout of the modules as they are now, which its keys and
+    shapes have just been checked against.
+
+    Raises:
+        ModelError: the file cannot be read, does not fit the model, or the model's own loading
+            code (``_load_from_state_dict``) fails on it.
+    """
     weights = read_weights(path)
     state = module.state_dict()
     expected = {key: tuple(t.shape) for key, t in state.items() if not key.endswith(".num_batches_tracked")}
     check_weights(path, expected, weights)
-    module.load_state_dict({k: v.to(state[k].dtype) for k, v in weights.items() if k in state}, strict=False)
+    metadata = getattr(weights, "_metadata", None) or getattr(state, "_metadata", None)
+    loading = _state_dict({k: v.to(state[k].dtype) for k, v in weights.items() if k in state}, metadata)
+    try:
+        module.load_state_dict(loading, strict=False)
+    except Exception as exc:  # the model's own loading code: any error is the file's misfit
+        raise ModelError(
+            f"{path}: the model's own loading code fails on these weights: {type(exc).__name__}: {first_line(exc)}"
+        ) from None
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
