@@ -271,6 +271,7 @@ class Verifier:
             Disagreement: a map differs, or one was not recomputed.
         """
         recomputed = recompute(self.plain, x, self.wanted)
+        checked = []
         for name in self.names:
             source = self.sources[name]
             for role, stored, where in zip(ROLES, maps[name], (source.z, source.a), strict=True):
@@ -281,10 +282,13 @@ class Verifier:
                     raise Disagreement(_unchecked(name, role, where))
                 self._compare(name, role, stored, want, tolerance)
                 if role in self.storage.roles:
-                    self.report.values += stored.numel()
-                    if digest:
-                        self._digest(name, role, stored)
+                    checked.append((name, role, stored))
         self._pairs(recomputed)
+        # counted only now: CUDA running out of memory above makes extract retry the batch in halves
+        for name, role, stored in checked:
+            self.report.values += stored.numel()
+            if digest:
+                self._digest(name, role, stored)
         self.report.images += x.shape[0]
 
     def _compare(self, name: str, role: str, stored: torch.Tensor, want: torch.Tensor, tolerance: Tolerance) -> None:

@@ -264,3 +264,24 @@ def test_a_torch_export_program_is_verified(images: list[str], tmp_path: Path) -
     )
     assert result.exit_code == 0, result.output
     assert f"all {stored_values(out)} stored values (6 layers x 3 images)" in verified_line(result)
+
+
+def test_out_of_memory_in_the_check_retries_in_halves(
+    images: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """extract halves a batch that does not fit, the check's second forward pass included: nothing counted twice."""
+    real = verify.recompute
+    sizes: list[int] = []
+
+    def tight(model: torch.nn.Module, x: torch.Tensor, wanted: Any) -> dict[str, dict[str, torch.Tensor]]:
+        sizes.append(x.shape[0])
+        if x.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, x, wanted)
+
+    monkeypatch.setattr(verify, "recompute", tight)
+    out = tmp_path / "out.h5"
+    result = extract(*images, "--batch-size", "3", "--verify", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert sizes == [3, 1, 2, 1, 1]
+    assert f"all {stored_values(out)} stored values (6 layers x 3 images)" in verified_line(result)
