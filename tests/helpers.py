@@ -4,7 +4,9 @@ in-process and checking how it ended, small images on disk, and reading fmap fil
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -121,6 +123,23 @@ def truncated_jpeg(path: Path) -> Path:
 def partials(out: Path) -> list[Path]:
     """The temporary files of runs writing ``out``."""
     return list(out.parent.glob(f".{out.name}.*.partial"))
+
+
+def wait_for_rows(out: Path, proc: subprocess.Popen, rows: int, timeout: float = 60) -> int:
+    """Poll the temporary file of ``proc``, a running ``fmap extract -o out``, until it holds at least
+    ``rows`` images; returns how many it holds then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        for partial in partials(out):
+            try:  # the writer holds an HDF5 lock: read without locking, and retry a torn read
+                with h5py.File(partial, "r", locking=False) as f:
+                    held = int(f.attrs["n_images"])
+            except (OSError, KeyError, ValueError):
+                continue
+            if held >= rows:
+                return held
+        time.sleep(0.005)
+    raise AssertionError(f"{out}: the run never held {rows} images in its temporary file; exit {proc.poll()}")
 
 
 def stored_paths(path: Path) -> list[str]:

@@ -27,6 +27,8 @@ from fmap_cli.inputs import Shard, shard_from_env
 
 # ---------------------------------------------------------------------------- paths, directories and lists
 
+BY_EXTENSION = "(by extension: .bmp, .gif, .jfif, .jpeg, .jpg, .pbm, .pgm, .png, .ppm, .tif, .tiff, .webp)"
+
 
 def test_directory_expands_to_its_images_sorted(tmp_path: Path, tiny_model: Path) -> None:
     folder = tmp_path / "photos"
@@ -64,7 +66,7 @@ def test_directory_with_only_subdirectories_needs_recursive(tmp_path: Path, tiny
     write_photos(top / "inner", 2)
     out = tmp_path / "out.h5"
     line = error_line(run_extract([top], tiny_model, out), 2)
-    assert str(top) in line and "--recursive" in line
+    assert line == f"Error: {top}: a directory with no images at its top level; add --recursive to search below"
     assert not out.exists()
     ok(run_extract([top], tiny_model, out, "-r"))
     assert len(stored_paths(out)) == 2
@@ -75,7 +77,15 @@ def test_empty_directory_is_a_usage_error(tmp_path: Path, tiny_model: Path) -> N
     empty.mkdir()
     (empty / "notes.txt").write_text("text")
     line = error_line(run_extract([empty], tiny_model, tmp_path / "out.h5"), 2)
-    assert str(empty) in line and ".png" in line  # says which extensions count
+    assert line == f"Error: {empty}: a directory with no images {BY_EXTENSION}"  # says which files count
+
+
+def test_directory_given_as_image(tmp_path: Path, tiny_model: Path, outdir: Path) -> None:
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    line = error_line(invoke("extract", folder, "-m", tiny_model, "-o", outdir / "out.h5"), 2)
+    assert line == f"Error: {folder}: a directory with no images {BY_EXTENSION}"
+    assert_left_clean(outdir)
 
 
 def test_files_from_file(tmp_path: Path, tiny_model: Path) -> None:
@@ -121,7 +131,7 @@ def test_explicitly_named_non_image_is_an_error(tmp_path: Path, tiny_model: Path
     assert len(stored_paths(tmp_path / "dir.h5")) == 2
     out = tmp_path / "out.h5"
     line = error_line(run_extract([folder, notes], tiny_model, out), 1)  # ... an error when named
-    assert str(notes) in line
+    assert line == f"Error: {notes}: not an image file Pillow can read"
     assert not out.exists() and not partials(out)
     ok(run_extract([folder, notes], tiny_model, out, "--skip-bad"), 1)  # recorded as a failure with --skip-bad
     with h5py.File(out, "r") as f:
@@ -134,7 +144,7 @@ def test_missing_listed_file_is_an_error(tmp_path: Path, tiny_model: Path) -> No
     listing = tmp_path / "list.txt"
     listing.write_text(f"{images[0]}\n{tmp_path / 'gone.png'}\n")
     line = error_line(run_extract([], tiny_model, tmp_path / "out.h5", "--files-from", listing), 1)
-    assert "gone.png" in line
+    assert line == f"Error: {tmp_path / 'gone.png'}: no such file"
 
 
 @pytest.mark.parametrize("how", ["nothing", "empty list", "missing list"])
@@ -146,14 +156,17 @@ def test_no_inputs_is_a_usage_error(tmp_path: Path, tiny_model: Path, how: str) 
         "empty list": ["--files-from", empty],
         "missing list": ["--files-from", tmp_path / "no.txt"],
     }
+    said = {
+        "missing list": f"--files-from {tmp_path / 'no.txt'}: cannot read: No such file or directory",
+    }.get(how, "no images to process (give paths, directories or --files-from)")
     out = tmp_path / "out.h5"
-    error_line(run_extract([], tiny_model, out, *extra[how]), 2)
+    assert error_line(run_extract([], tiny_model, out, *extra[how]), 2) == f"Error: {said}"
     assert not out.exists()
 
 
 def test_no_images_is_usage_error(tiny_model: Path, outdir: Path) -> None:
     result = invoke("extract", "-m", tiny_model, "-o", outdir / "out.h5")
-    error_line(result, 2)
+    assert error_line(result, 2) == "Error: no images to process (give paths, directories or --files-from)"
     assert_left_clean(outdir)
 
 
@@ -193,7 +206,7 @@ def test_bad_shard_is_a_usage_error(tmp_path: Path, tiny_model: Path, value: str
     images = write_photos(tmp_path / "imgs", 3)
     out = tmp_path / "out.h5"
     line = error_line(run_extract(images, tiny_model, out, "--shard", value), 2)
-    assert "--shard" in line
+    assert line == f"Error: --shard: expected K/N with 0 <= K < N (K counts from 0), got {value!r}"
     assert not out.exists()
 
 
@@ -220,4 +233,4 @@ def test_invalid_slurm_environment_is_a_usage_error(tmp_path: Path, tiny_model: 
     images = write_photos(tmp_path / "imgs", 3)
     env = {**SLURM_TASK, "SLURM_ARRAY_TASK_ID": "7"}  # 7 - 4 = 3, not below 3
     line = error_line(run_extract(images, tiny_model, tmp_path / "out.h5", env=env), 2)
-    assert "SLURM_ARRAY_TASK_ID" in line and "--shard" in line
+    assert line == "Error: SLURM_ARRAY_TASK_ID=7, SLURM_ARRAY_TASK_COUNT=3: not a valid shard; pass --shard K/N"

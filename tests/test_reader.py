@@ -144,13 +144,17 @@ def test_unreadable_versions(good: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 def test_inspect_incomplete(good: Path, as_json: bool) -> None:
     bad = copy_with(good, "incomplete.h5", complete=np.int8(0))
     line = error_line(fmap("inspect", bad, *(["--json"] if as_json else [])), 1)
-    assert str(bad) in line and "incomplete" in line
+    assert line == (
+        f"Error: {bad}: incomplete file (complete=0): the run writing it did not finish; rerun that command "
+        "(with --resume, or --append if it was appending)"
+    )
 
 
 def test_inspect_newer_schema(good: Path) -> None:
     bad = copy_with(good, "newer.h5", fmap_schema_version=np.int64(99))
+    readable = ", ".join(str(v) for v in schema.READABLE_VERSIONS)
     line = error_line(fmap("inspect", bad), 1)
-    assert str(bad) in line and "99" in line and "newer" in line
+    assert line == f"Error: {bad}: schema version 99 is newer than this fmap reads ({readable}); upgrade fmap"
 
 
 @pytest.mark.parametrize("fraction", [0.05, 0.5, 0.95])
@@ -158,17 +162,15 @@ def test_inspect_truncated(good: Path, fraction: float) -> None:
     bad = good.with_name("truncated.h5")
     data = good.read_bytes()
     bad.write_bytes(data[: int(len(data) * fraction)])
-    result = fmap("inspect", bad)
-    assert result.exit_code != 0
-    assert str(bad) in error_line(result, result.exit_code)
+    assert error_line(fmap("inspect", bad), 1) == f"Error: {bad}: not an HDF5 file (or it is corrupt)"
 
 
 def test_inspect_not_hdf5_and_missing(tmp_path: Path) -> None:
     text = tmp_path / "notes.h5"
     text.write_text("hello")
-    assert str(text) in error_line(fmap("inspect", text), 1)
+    assert error_line(fmap("inspect", text), 1) == f"Error: {text}: not an HDF5 file (or it is corrupt)"
     missing = tmp_path / "missing.h5"
-    assert str(missing) in error_line(fmap("inspect", missing), 1)
+    assert error_line(fmap("inspect", missing), 1) == f"Error: {missing}: no such file"
 
 
 def test_inspect_hdf5_not_from_fmap(tmp_path: Path) -> None:
@@ -176,7 +178,7 @@ def test_inspect_hdf5_not_from_fmap(tmp_path: Path) -> None:
     with h5py.File(other, "w") as f:
         f["x"] = np.arange(3)
     line = error_line(fmap("inspect", other), 1)
-    assert str(other) in line and "fmap" in line
+    assert line == f"Error: {other}: an HDF5 file, but not written by fmap (no fmap_schema_version)"
 
 
 def test_inspect_damaged_structure(good: Path) -> None:
@@ -185,7 +187,8 @@ def test_inspect_damaged_structure(good: Path) -> None:
     with h5py.File(bad, "r+") as f:
         del f["images/original_size"]
     line = error_line(fmap("inspect", bad), 1)
-    assert str(bad) in line
+    assert line.startswith(f"Error: {bad}: damaged fmap file: ")  # then h5py's words
+    assert "original_size" in line
 
 
 # ---------------------------------------------------------------------------- rows along N

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 from crafted import craft, with_reference_stats, without_stats
-from helpers import ok
+from helpers import error_line, ok
 
 from fmap_cli.cli import cli
 
@@ -171,10 +171,11 @@ def test_histogram_counts_every_value(tmp_path: Path) -> None:
 
 def test_inspect_detail_errors(tmp_path: Path) -> None:
     path = top_file(tmp_path, True)
-    result = ok(fmap("inspect", str(path), "--channel", "0"), 2)
-    assert "Error: --channel needs --layer" in result.output
-    result = ok(fmap("inspect", str(path), "--layer", "cnv"), 2)
-    assert "Error: layer 'cnv' not in" in result.output and "did you mean 'conv'?" in result.output
-    result = ok(fmap("inspect", str(path), "--layer", "conv", "--channel", "2", "--top", "1"), 2)
-    assert "Error: channel 2 out of range: layer 'conv' has channels 0..1" in result.output
-    assert ok(fmap("inspect", str(path), "--top", "0"), 2).exit_code == 2
+    line = error_line(fmap("inspect", str(path), "--channel", "0"), 2)
+    assert line == "Error: --channel needs --layer (which layer's channel?)"
+    line = error_line(fmap("inspect", str(path), "--layer", "cnv"), 2)
+    assert line == f"Error: layer 'cnv' not in {path}; did you mean 'conv'? stored layers: conv"
+    line = error_line(fmap("inspect", str(path), "--layer", "conv", "--channel", "2", "--top", "1"), 2)
+    assert line == "Error: channel 2 out of range: layer 'conv' has channels 0..1"
+    line = error_line(fmap("inspect", str(path), "--top", "0"), 2)
+    assert line.startswith("Error: Invalid value for '--top': ")  # then click's words
