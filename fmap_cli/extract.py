@@ -521,21 +521,19 @@ class _Batches:
             self.handled += count
             yield result
 
-    def cancel(self) -> None:
-        for _, future in self._pending:
-            future.cancel()
-
 
 @contextmanager
 def _decoded_batches(
     items: Sequence[tuple[int, str]], inputs: Inputs, prep: Preprocessing, stop_requested: StopRequested
 ) -> Iterator[_Batches]:
-    with ThreadPoolExecutor(max_workers=max(1, inputs.workers), thread_name_prefix="fmap-decode") as pool:
-        batches = _Batches(items, inputs, pool, prep, stop_requested)
-        try:
-            yield batches
-        finally:
-            batches.cancel()
+    pool = ThreadPoolExecutor(max_workers=max(1, inputs.workers), thread_name_prefix="fmap-decode")
+    finished = False
+    try:
+        yield _Batches(items, inputs, pool, prep, stop_requested)
+        finished = True
+    finally:
+        # after an error or a signal, a decode that hangs (a stalled network file system) is not waited for
+        pool.shutdown(wait=finished, cancel_futures=True)
 
 
 def input_list_sha256(paths: Sequence[str]) -> str:

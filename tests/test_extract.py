@@ -44,6 +44,7 @@ from helpers import (
 )
 
 from fmap_cli import extract as pipeline
+from fmap_cli.errors import StoppedError
 from fmap_cli.store.writer import WRITE_BEHIND, BackgroundWriter, MapWriter
 
 # ---------------------------------------------------------------------------- bad images and --skip-bad
@@ -456,3 +457,31 @@ def test_sigterm_during_extraction_cleans_up(tmp_path: Path, tiny_model: Path, o
         assert int(f.attrs["n_images"]) == len(images)
         assert f["images/index"][...].tolist() == list(range(len(images)))
     assert_left_clean(outdir, {"out.h5"})
+
+
+def test_a_signal_ends_a_wait_for_a_stuck_decoder(tmp_path: Path, tiny_model: Path, monkeypatch) -> None:
+    """A read that never returns (a hung network file system) must not make SIGTERM wait for it."""
+    import threading
+
+    release, decoded = threading.Event(), threading.Event()
+    real_load = pipeline.load_batch
+
+    def stuck(*args: Any, **kwargs: Any) -> Any:
+        release.wait(30)
+        decoded.set()
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_batch", stuck)
+    images = write_photos(tmp_path / "imgs", 2)
+    polls = iter([None] * 3)
+    try:
+        with pytest.raises(StoppedError) as caught:
+            pipeline.extract(
+                extract_options(images, tmp_path / "out.h5", model=str(tiny_model)),
+                stop_requested=lambda: next(polls, signal.SIGTERM),
+            )
+        assert not decoded.is_set()  # stopped while the read still hung, not after it gave up
+    finally:
+        release.set()
+    assert str(caught.value) == "interrupted by signal 15; no output written"
+    assert not partials(tmp_path / "out.h5")

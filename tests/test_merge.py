@@ -462,3 +462,19 @@ def test_missing_shares_of_a_huge_claimed_count_returns_at_once() -> None:
         "['shard 333333333333/1000000000000 (images 0-0 of 3)', 'shard 666666666666/1000000000000 (images 1-1 of 3)', "
         "'shard 999999999999/1000000000000 (images 2-2 of 3)']",
     ]
+
+
+def test_virtual_merge_refuses_shards_outside_the_output_directory(shards: list[Path], tmp_path: Path) -> None:
+    """Readers refuse virtual sources that leave the file's directory: merge must not write one."""
+    out = tmp_path / "elsewhere" / "all.h5"
+    out.parent.mkdir()
+    result = CliRunner().invoke(cli, ["merge", *map(str, shards), "-o", str(out), "--virtual"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: --virtual: {shards[0]} is not in {out.parent} or below it, where the virtual file all.h5 reads "
+        "its shards from; write OUT beside the shards, or merge without --virtual"
+    )
+    assert list(out.parent.iterdir()) == []
+    below = tmp_path / "all.h5"  # the shards lie in tmp_path/shards: below OUT's directory
+    assert CliRunner().invoke(cli, ["merge", *map(str, shards), "-o", str(below), "--virtual"]).exit_code == 0
+    assert CliRunner().invoke(cli, ["inspect", str(below)]).exit_code == 0

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import SAMPLES, extract_options, make_photo
+from helpers import stop_after
 
 from fmap_cli.cli import cli
 from fmap_cli.errors import StoppedError
 from fmap_cli.extract import extract
 from fmap_cli.store import schema
-from fmap_cli.store.layout import create_dataset, set_attrs
+from fmap_cli.store.layout import create_dataset, file_kind, set_attrs
 from fmap_cli.store.schema import SCHEMA, SCHEMA_VERSION, Attr
 
 MIB = 1 << 20
@@ -297,15 +298,18 @@ def test_schema_json_lists_every_node_with_types() -> None:
     printed = json.loads(result.stdout)
     assert printed["fmap_schema_version"] == SCHEMA_VERSION
     assert printed["readable_versions"] == [1, 2]
-    assert [node["path"] for node in printed["nodes"]] == [node.path for node in SCHEMA]
-    by_path = {node["path"]: node for node in printed["nodes"]}
+    assert list(printed["kinds"]) == list(schema.KINDS)
+    maps = printed["kinds"]["maps"]
+    assert [node["path"] for node in maps] == [node.path for node in SCHEMA]
+    by_path = {node["path"]: node for node in maps}
     assert by_path["/layers/{layer}/stats/image_argmax"] == {
         "path": "/layers/{layer}/stats/image_argmax",
         "kind": "dataset",
-        "dtype": "int64",
+        "dtype": "int32",
         "shape": "(N, C, 2)",
         "required": True,
-        "description": "Per image and channel: (row, col) of image_max in the map (the first, row-major).",
+        "description": "Per image and channel: (row, col) of image_max in the map (the first, row-major); int64 in "
+        "schema version 1.",
         "attributes": [],
     }
     storage = next(a for a in by_path["/"]["attributes"] if a["name"] == "storage")
@@ -316,13 +320,13 @@ def test_schema_json_lists_every_node_with_types() -> None:
 
 
 def undocumented(path: Path) -> list[str]:
-    """Every group, dataset and attribute in ``path`` that the schema does not document."""
+    """Every group, dataset and attribute in ``path`` that the schema of its kind does not document."""
     found: list[str] = []
 
     def check(name: str, obj: h5py.HLObject) -> None:
         where = "/" + name if name else "/"
         try:
-            schema.node_for(where)
+            schema.node_for(where, kind)
         except schema.SchemaError:
             found.append(where)
             return
@@ -330,11 +334,12 @@ def undocumented(path: Path) -> list[str]:
             if key in schema.HDF5_DIMENSION_ATTRS and isinstance(obj, h5py.Dataset):
                 continue
             try:
-                schema.attr_for(where, key)
+                schema.attr_for(where, key, kind)
             except schema.SchemaError:
                 found.append(f"{where}@{key}")
 
     with h5py.File(path, "r") as f:
+        kind = file_kind(f)
         check("", f)
         f.visititems(check)
     return found
@@ -361,9 +366,10 @@ def test_every_written_node_and_attribute_is_documented(tiny_model: Path, images
     cli_ok("extract", paths[0], *model, "-o", str(made["appended"]))
     cli_ok("extract", *paths[1:], *model, "-o", str(made["appended"]), "--append")
     made["resumed"] = tmp_path / "resumed.h5"
+    stop, progress = stop_after(1)
     with pytest.raises(StoppedError):  # stopped after its first batch: its temporary file is kept
         extract(extract_options(paths, made["resumed"], model=str(tiny_model), device="cpu", batch_size=1),
-                stop_requested=iter([None, None, 15]).__next__)  # fmt: skip
+                stop_requested=stop, progress=progress)  # fmt: skip
     cli_ok("extract", *paths, *model, "-b", "1", "-o", str(made["resumed"]), "--resume")
     shards = [tmp_path / f"shard_{k}.h5" for k in range(2)]
     for k, shard in enumerate(shards):
@@ -371,6 +377,12 @@ def test_every_written_node_and_attribute_is_documented(tiny_model: Path, images
     made["merged"], made["virtual"] = tmp_path / "merged.h5", tmp_path / "virtual.h5"
     cli_ok("merge", *map(str, shards), "-o", str(made["merged"]))
     cli_ok("merge", *map(str, shards), "-o", str(made["virtual"]), "--virtual")
+    made["occlusion"] = tmp_path / "occlusion.h5"
+    cli_ok("occlude", *paths, str(bad), *model, "--layer", "conv2", "--channel", "all", "--patch", "8",
+           "--save-input", "--skip-bad", "-o", str(made["occlusion"]), code=1)  # fmt: skip
+    made["projection"] = tmp_path / "projection.h5"
+    cli_ok("project", str(made["full"]), "--layer", "conv2", "--channel", "1", "--device", "cpu",
+           "-o", str(made["projection"]))  # fmt: skip
     with h5py.File(made["resumed"], "r") as f:
         assert int(f.attrs["n_images"]) == 3 and "append_base" not in f.attrs
     for kind, path in {**made, "shard": shards[0]}.items():

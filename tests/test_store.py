@@ -323,10 +323,12 @@ def test_store_z_only(tmp_path: Path, tiny_model: Path) -> None:
 
 def killed_run(photos: list[Path], tiny_model: Path, out: Path) -> Path:
     """The temporary file a run stopped after its first batch keeps."""
+    stop, progress = stop_after(1)
     with pytest.raises(StoppedError):
         extract(
             extract_options(photos, out, model=str(tiny_model), device="cpu", batch_size=1),
-            stop_requested=iter([None, None, 15]).__next__,
+            stop_requested=stop,
+            progress=progress,
         )
     (kept,) = partial_files(out)
     return kept
@@ -873,3 +875,57 @@ def test_merge_exit_code_after_a_signal(
     assert result.exit_code == code, result.output
     assert last_line(result) == f"Error: interrupted by signal {signum}; no output written"
     assert not out.exists() and partial_files(out) == []
+
+
+# ---------------------------------------------------------------------------- sizes and names
+
+
+WIDE_MODEL = """
+import torch
+from torch import nn
+
+
+def wide() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 1024, 3, padding=1), nn.ReLU(), nn.Conv2d(1024, 16, 1), nn.ReLU())
+"""
+
+
+def test_a_file_is_sized_by_its_maps_on_a_wide_layer(photos: list[Path], tmp_path: Path) -> None:
+    """Statistics datasets were chunked by 1024 images: one image through a layer of C channels cost
+    5 x 1024 x C values of allocated chunks (MobileNetV2 at 64 px: 451 MB for 2.6 MB of maps)."""
+    factory = tmp_path / "wide.py"
+    factory.write_text(WIDE_MODEL)
+    out = tmp_path / "out.h5"
+    args = ["--model", f"{factory}:wide", "--device", "cpu", "--size", "16", "-o", out]
+    assert invoke("extract", photos[0], *args).exit_code == 0
+    with h5py.File(out, "r") as f:
+        maps = [g[role] for g in f["layers"].values() for role in ("preactivation", "activation") if role in g]
+        stored = sum(ds.id.get_storage_size() for ds in maps)
+        assert maps[0].shape == (1, 1024, 16, 16) and len(f["layers"]) == 2
+    assert out.stat().st_size <= 1.05 * stored + 64 * 1024 * 2
+
+
+def test_temporary_names_fit_the_file_name_limit_in_bytes(tmp_path: Path) -> None:
+    out = tmp_path / ("猫" * 80 + ".h5")  # 243 bytes: fits; its temporary name would not, uncut
+    with AtomicOutput(out) as output:
+        assert len(os.fsencode(output.path.name)) <= 255
+        output.path.write_bytes(b"x")
+        assert partial_files(out) == [output.path]
+        output.publish()
+    assert out.read_bytes() == b"x"
+
+
+def test_differences_are_printed_with_control_characters_escaped(
+    photos: list[Path], tiny_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.h5"
+    assert invoke("extract", *photos[:2], *model_args(tiny_model), "-o", out).exit_code == 0
+    with h5py.File(out, "r+") as f:
+        f.attrs["layers"] = np.array(["conv1\x1b[2J", "conv2"], dtype=h5py.string_dtype())
+    result = invoke("extract", *photos[2:], *model_args(tiny_model), "-o", out, "--append")
+    assert result.exit_code == 2, result.output
+    assert last_line(result) == (
+        f"Error: --append: {out} differs from this run in: layers (conv1\\x1b[2J,conv2 vs conv1,conv2); "
+        "write a new file instead"
+    )

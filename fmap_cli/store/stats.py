@@ -88,7 +88,7 @@ class ChannelStats:
 
 def image_stats(maps: np.ndarray) -> dict[str, np.ndarray]:
     """Per image and channel of a batch of maps (n, C, H, W) or (n, C): image_max, image_mean and
-    image_zero_fraction (n, C) float32, and image_argmax (n, C, 2) int64, the (row, col) of the
+    image_zero_fraction (n, C) float32, and image_argmax (n, C, 2) int32, the (row, col) of the
     first maximum (row-major)."""
     maps = np.asarray(maps)
     n, c = maps.shape[:2]
@@ -100,5 +100,5 @@ def image_stats(maps: np.ndarray) -> dict[str, np.ndarray]:
         "image_max": np.take_along_axis(x, where[..., None], axis=2)[..., 0].astype(np.float32),
         "image_mean": (x.sum(axis=2, dtype=np.float64) / size).astype(np.float32),
         "image_zero_fraction": ((size - np.count_nonzero(x, axis=2)) / size).astype(np.float32),
-        "image_argmax": np.stack(np.divmod(where, width), axis=-1).astype(np.int64),
+        "image_argmax": np.stack(np.divmod(where, width), axis=-1).astype(np.int32),
     }
