@@ -41,6 +41,7 @@ lint: install
 bench: install
 	$(BIN)/python scripts/bench.py
 	$(BIN)/python scripts/bench_pipeline.py
+	$(BIN)/python scripts/bench_project.py
 
 docs: install
 	$(BIN)/python scripts/sync_readme.py

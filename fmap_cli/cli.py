@@ -149,10 +149,11 @@ input_options = _options(
     ),
     click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Image-decoding threads."),
 )
+device_option = click.option(
+    "--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]", help="Where the model runs."
+)
 run_options = _options(
-    click.option(
-        "--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]", help="Where the model runs."
-    ),
+    device_option,
     click.option("--size", type=SizeType(), help="Input size N or H,W fed to the network (overrides the model's)."),
     click.option("--no-resize", is_flag=True, help="Feed images at their own size (all must be equal)."),
     click.option(
@@ -301,6 +302,87 @@ def _roles(text: str) -> frozenset[str]:
     if not chosen or any(part not in names for part in chosen):
         raise click.BadParameter(f"expected z, a or z,a, got {text!r}", param_hint="--store")
     return frozenset(names[part] for part in chosen)
+
+
+class UnitType(click.ParamType):  # type: ignore[type-arg]  # as SizeType
+    """``ROW,COL``: a unit of a layer's map."""
+
+    name = "ROW,COL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).split(",")
+        if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+            self.fail(f"expected ROW,COL: two integers >= 0 (e.g. 12,30), got {value!r}", param, ctx)
+        return (int(parts[0]), int(parts[1]))
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-l", "--layer", required=True, metavar="L", help="The layer whose activation is projected.")
+@click.option("--channel", required=True, type=click.IntRange(min=0), metavar="C", help="The channel of --layer.")
+@click.option(
+    "--top", type=click.IntRange(min=1), metavar="K", help="The K images where C fires most, each at its maximum [9]."
+)
+@click.option("--image", metavar="INDEX|PATH", help="One image instead of --top (at its maximum, or --unit).")
+@click.option("--unit", type=UnitType(), help="With --image: this unit of the map instead of its maximum.")
+@click.option("--whole-map", is_flag=True, help="Project every activation of C on each image at once.")
+@click.option(
+    "--method",
+    type=click.Choice(["deconvnet", "guided", "gradient"]),
+    default="deconvnet",
+    show_default=True,
+    help="deconvnet (Zeiler & Fergus), guided backpropagation or the plain gradient.",
+)
+@model_options
+@device_option
+@click.option(
+    "-b", "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Units per backward pass."
+)
+@output_options
+def project(
+    file: Path, layer: str, channel: int, top: int | None, image: str | None, unit: tuple[int, int] | None,
+    whole_map: bool, method: str, model: str | None, weights: str | None, model_args: tuple[str, ...], device: str,
+    batch_size: int, out: Path, overwrite: bool, as_json: bool, quiet: bool,
+) -> None:  # fmt: skip
+    """Project activations of a channel back to the input pixels: what excites it (Zeiler & Fergus).
+
+    The backward pass starts from --layer's activation map with every entry zeroed but the unit,
+    which keeps its value. Images, preprocessing and model come from FILE (a Python factory or
+    library model needs --model, as at extraction); the model's weights must be FILE's. Prints
+    OUT's path; 'fmap render OUT' draws the projections beside their image patches.
+
+    \b
+      fmap project maps.h5 --layer conv2 --channel 5 -o conv2-5.h5
+      fmap project maps.h5 --layer conv2 --channel 5 --image cat.jpg --unit 20,31 --method guided -o p.h5
+      fmap render conv2-5.h5
+    """
+    report = _Reporter(quiet)
+    with _errors(), _signals_recorded() as received:
+        from .models import parse_model_args
+        from .projection import ProjectOptions, UnitChoice
+        from .projection import project as run
+
+        options = ProjectOptions(
+            file=file,
+            layer=layer,
+            channel=channel,
+            out=out,
+            units=UnitChoice(top=top, image=image, unit=unit, whole_map=whole_map),
+            method=method,
+            model=model,
+            weights=weights,
+            model_args=parse_model_args(model_args),
+            device=device,
+            batch_size=batch_size,
+            overwrite=overwrite,
+            command=shlex.join(sys.argv),
+        )
+        result = run(options, log=report.log, stop_requested=lambda: received[0] if received else None)
+    units = f"{len(result.units)} unit" + ("s" if len(result.units) != 1 else "")
+    report.log(f"projected {units} of {result.layer} channel {result.channel} in {result.seconds:.1f} s")
+    click.echo(json.dumps(result.to_dict()) if as_json else str(result.out))
 
 
 class _Reporter:

@@ -68,9 +68,19 @@ def input_picture(f: h5py.File, n: int) -> np.ndarray:
     Raises:
         FmapError: no /input and the image file is missing, unreadable or changed since extraction.
     """
+    return to_picture(input_tensor(f, n), preprocessing_of(f))
+
+
+def input_tensor(f: h5py.File, n: int) -> np.ndarray:
+    """Image ``n`` as fed to the network, (3, H, W) float32 normalised: from /input, or re-read from
+    its path (relative to where extract ran) and preprocessed again as the file records.
+
+    Raises:
+        FmapError: no /input and the image file is missing, unreadable or changed since extraction.
+    """
     prep = preprocessing_of(f)
     if schema.INPUT in f:
-        pixels = f[schema.INPUT][n]  # (3, H, W), normalised
+        pixels: np.ndarray = f[schema.INPUT][n]  # (3, H, W), normalised
     else:
         path = f[schema.IMAGES]["path"].asstr()[n]
         where = str(f.attrs.get("working_directory", ""))
@@ -83,6 +93,11 @@ def input_picture(f: h5py.File, n: int) -> np.ndarray:
         if decoded.sha256 != f[schema.IMAGES]["sha256"].asstr()[n]:
             raise FmapError(f"{path}: changed since extraction (SHA-256 differs); extract with --save-input")
         pixels = preprocess(decoded, prep)
+    return pixels
+
+
+def to_picture(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """A normalised (3, H, W) input tensor as the (H, W, 3) uint8 picture it came from."""
     mean = np.asarray(prep.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(prep.std, dtype=np.float32)[:, None, None]
     rgb = np.clip(pixels * std + mean, 0.0, 1.0) * 255.0
@@ -139,7 +154,7 @@ def top_patches(f: h5py.File, group: h5py.Group, channel: int, k: int, image_max
     draw = ImageDraw.Draw(strip)
     for rank, n in enumerate(order):
         row, col = (int(v) for v in image_argmax[n])
-        patch = _crop(input_picture(f, int(n)), geometry.box(row, col)).resize(size, resample)
+        patch = crop(input_picture(f, int(n)), geometry.box(row, col)).resize(size, resample)
         x = gap + rank * (size[0] + gap)
         strip.paste(patch, (x, gap))
         write(draw, (x, gap + size[1] + 2), fit(f"[{n}] {image_max[n]:.4g}", size[0]))
@@ -153,7 +168,7 @@ def top_patches(f: h5py.File, group: h5py.Group, channel: int, k: int, image_max
     return stack([strip, legend([note], strip.width)])
 
 
-def _crop(picture: np.ndarray, box: tuple[int, int, int, int]) -> Image.Image:
+def crop(picture: np.ndarray, box: tuple[int, int, int, int]) -> Image.Image:
     """``box`` of a (H, W, 3) picture; the part beyond its border is grey."""
     left, top, right, bottom = box
     out = np.empty((bottom - top, right - left, 3), dtype=np.uint8)
