@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python scripts/bench.py
 	$(BIN)/python scripts/bench_pipeline.py
 	$(BIN)/python scripts/bench_project.py
+	$(BIN)/python scripts/bench_occlude.py
 
 docs: install
 	$(BIN)/python scripts/sync_readme.py

@@ -543,7 +543,13 @@ def schema_command(as_json: bool) -> None:
     callback=lambda ctx, param, value: _png(value),
     help="PNG (default FILE.L[...].png).",
 )
-@click.option("--image", default="0", show_default=True, metavar="INDEX|PATH", help="Which image (grid, overlay).")
+@click.option(
+    "--image",
+    default="0",
+    show_default=True,
+    metavar="INDEX|PATH|all",
+    help="Which image (grid, overlay, occlusion files; 'all': a row per image of an occlusion file).",
+)
 @click.option("--role", type=click.Choice(["activation", "preactivation", "both"]), help="Grid: a, z, or both.")
 @click.option("--scale", type=click.Choice(["tile", "layer"]), help="Grid colour scale per tile or for the layer.")
 @click.option("--overlay", type=click.IntRange(min=0), metavar="CHANNEL", help="Heat map of CHANNEL on the image.")
@@ -600,6 +606,99 @@ def merge(
         )  # fmt: skip
     report.log(f"merged {len(result.shards)} shards, {result.n_images} images in {result.seconds:.1f} s")
     click.echo(str(result.out))
+
+
+class ChannelsType(click.ParamType):  # type: ignore[type-arg]  # as SizeType
+    """``C``, ``C1,C2,...`` or ``all``: channels of a layer."""
+
+    name = "C|C1,C2|all"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[int] | str:
+        if isinstance(value, list):
+            return [int(c) for c in value]
+        if value == "all":
+            return "all"
+        parts = [part.strip() for part in str(value).split(",")]
+        if not all(part.isdigit() for part in parts):
+            self.fail(f"expected a channel C, channels C1,C2,... (integers >= 0) or all, got {value!r}", param, ctx)
+        return list(dict.fromkeys(int(part) for part in parts))
+
+
+@cli.command()
+@input_options
+@model_options
+@run_options
+@click.option("-l", "--layer", metavar="L", help="Record the total activation of L's channels (see 'fmap layers').")
+@click.option(
+    "--channel",
+    "channels",
+    type=ChannelsType(),
+    help="Channels of --layer: C, C1,C2,... or all (default: each image's strongest, unoccluded).",
+)
+@click.option("--class", "target", type=click.IntRange(min=0), metavar="K", help="Class to map (default: top-1).")
+@click.option("--no-class", is_flag=True, help="No class maps, even for a classifier: the pass stops after --layer.")
+@click.option("--patch", type=SizeType(), default="32", show_default=True, help="Occluder size in input pixels.")
+@click.option("--stride", type=SizeType(), help="Input pixels between positions (default: 8, or P if smaller).")
+@click.option(
+    "--fill",
+    default="grey",
+    show_default=True,
+    metavar="grey|mean|zero|R,G,B",
+    help="Occluder colour: grey (0.5), the normalisation mean, black, or R,G,B in 0-255.",
+)
+@output_options
+@click.option("--save-input", is_flag=True, help="Also store the unoccluded input tensor as /input.")
+def occlude(
+    images: tuple[str, ...], recursive: bool, files_from: str | None, nul: bool, skip_bad: bool, shard: str | None,
+    batch_size: int, workers: int, model: str | None, weights: str | None, model_args: tuple[str, ...], device: str,
+    size: tuple[int, int] | None, no_resize: bool, memory_format: str, layer: str | None,
+    channels: list[int] | str | None, target: int | None, no_class: bool, patch: tuple[int, int],
+    stride: tuple[int, int] | None, fill: str, out: Path, overwrite: bool, as_json: bool, quiet: bool, save_input: bool,
+) -> None:  # fmt: skip
+    """Cover each part of each image with a square and record what the network does (Zeiler & Fergus).
+
+    At every occluder position: the total activation of --layer's channels and, when the model
+    outputs class scores (N, K), the probability of a class and the top-1 label. --batch-size
+    counts the occluded copies per forward pass. Prints OUT's path; 'fmap render OUT' draws
+    Zeiler's Fig. 7, 'fmap inspect OUT' summarises it. Exit codes as for extract.
+
+    \b
+      fmap occlude cat.jpg --model torchvision:alexnet --weights pretrained --layer features.10 -o occ.h5
+      fmap occlude photos/ --layer conv2 --channel all --patch 16 --stride 4 --no-class -o occ.h5
+      fmap render occ.h5 --image all
+    """
+    report = _Reporter(quiet)
+    with _errors(), _signals_recorded() as received:
+        from .extract import ModelChoice  # torch loads here, not for --help
+        from .models import parse_model_args
+        from .occlusion import OccludeOptions, Occluder
+        from .occlusion import occlude as run
+
+        choice = ModelChoice(model=model, weights=weights, model_args=parse_model_args(model_args), device=device,
+                             size=size, no_resize=no_resize, memory_format=memory_format)  # fmt: skip
+        options = OccludeOptions(
+            inputs=_inputs(images, recursive, files_from, nul, shard, skip_bad, batch_size, workers),
+            out=out,
+            model=choice,
+            layer=layer,
+            channels=channels,
+            target=target,
+            classes=not no_class,
+            occluder=Occluder(patch, stride, fill),
+            overwrite=overwrite,
+            save_input=save_input,
+            command=shlex.join(sys.argv),
+        )
+        result = run(options, report.log, lambda: received[0] if received else None, report.progress)
+    if result.images_written:  # an empty shard writes nothing and prints no path
+        failed = f", {len(result.failures)} failed (recorded in /failures)" if result.failures else ""
+        positions = result.grid[0] * result.grid[1]
+        report.log(f"wrote {result.images_written} image(s) x {positions} occluder positions in "
+                   f"{result.seconds:.1f} s{failed}")  # fmt: skip
+    if as_json or result.images_written:
+        click.echo(json.dumps(result.to_dict()) if as_json else str(result.out))
+    if result.failures:
+        sys.exit(1)
 
 
 def _png(path: Path | None) -> Path | None:
