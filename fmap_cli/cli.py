@@ -534,7 +534,7 @@ def schema_command(as_json: bool) -> None:
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-l", "--layer", required=True, metavar="L", help="The layer to draw.")
+@click.option("-l", "--layer", metavar="L", help="The layer to draw (maps files).")
 @click.option(
     "-o",
     "--output",
@@ -548,24 +548,27 @@ def schema_command(as_json: bool) -> None:
     default="0",
     show_default=True,
     metavar="INDEX|PATH|all",
-    help="Which image (grid, overlay, occlusion files; 'all': a row per image of an occlusion file).",
+    help="Which image (grid, overlay, occlusion files; 'all': a row per image of an occlusion file, at most 16).",
 )
 @click.option("--role", type=click.Choice(["activation", "preactivation", "both"]), help="Grid: a, z, or both.")
 @click.option("--scale", type=click.Choice(["tile", "layer"]), help="Grid colour scale per tile or for the layer.")
 @click.option("--overlay", type=click.IntRange(min=0), metavar="CHANNEL", help="Heat map of CHANNEL on the image.")
 @click.option("--top", type=click.IntRange(min=1), metavar="K", help="The K patches where --channel fires most.")
 @click.option("--channel", type=click.IntRange(min=0), metavar="C", help="The channel for --top.")
+@click.option("--full", is_flag=True, help="Projection files: uncropped projections beside the whole images.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def render(file: Path, out: Path | None, overwrite: bool, **options: Any) -> None:
     """Draw a layer's maps as a PNG: every channel in a grid, a heat map over the input, or top-K patches.
 
     Grid colours: a from black (zero) up, z blue (negative), white (zero), red (positive); dead
-    channels are framed in red. Prints the PNG's path.
+    channels are framed in red. A projection file (fmap project) is drawn as Zeiler & Fergus's
+    Fig. 2: each projection above its image patch (--full: whole pictures). Prints the PNG's path.
 
     \b
       fmap render maps.h5 --layer conv1 --image cat.jpg --role both
       fmap render maps.h5 --layer conv2 --overlay 5 --image 0 -o heat.png
       fmap render maps.h5 --layer conv2 --top 8 --channel 5
+      fmap render projections.h5 --full
     """
     from .render import RenderOptions, render_png
 

@@ -20,6 +20,7 @@ from .errors import FmapError, UsageError, did_you_mean
 from .receptive import overlay, top_patches
 from .store import schema
 from .store.atomic import AtomicOutput, check_target
+from .store.layout import file_kind
 from .store.reader import check_channel, layer_group, printable, reading
 
 ROLES = ("activation", "preactivation", "both")
@@ -35,13 +36,14 @@ class RenderOptions:
     """What to draw; ``role`` and ``scale`` apply to the grid only (None: their defaults)."""
 
     file: Path
-    layer: str
+    layer: str | None = None  # needed for maps files
     image: str = "0"  # index or stored path (or file name) of the image
     role: str | None = None  # activation (default when the layer has a), preactivation, both
     scale: str | None = None  # tile (default) or layer
     overlay: int | None = None  # channel to overlay on the input image
     top: int | None = None  # K patches of --channel
     channel: int | None = None
+    full: bool = False  # projection files: whole pictures instead of receptive-field crops
 
 
 def render(options: RenderOptions) -> Image.Image:
@@ -53,7 +55,15 @@ def render(options: RenderOptions) -> Image.Image:
             neither stored nor readable.
     """
     _check(options)
-    with reading(options.file) as f:
+    with reading(options.file, kinds=(schema.MAPS, schema.PROJECTION, schema.OCCLUSION)) as f:
+        if file_kind(f) == schema.PROJECTION:
+            return _projection_figure(f, options)
+        if file_kind(f) == schema.OCCLUSION:
+            return _occlusion_figure(f, options)
+        if options.full:
+            raise UsageError("--full draws projection files (fmap project); for maps files leave it out")
+        if options.layer is None:
+            raise UsageError("--layer L is needed for maps files (which layer to draw?)")
         group = layer_group(f, options.layer)
         if options.top is not None:
             assert options.channel is not None  # _check
@@ -66,6 +76,30 @@ def render(options: RenderOptions) -> Image.Image:
             check_channel(group, options.overlay)
             return overlay(f, group, options.overlay, n)
         return grid(f, group, n, options.role, options.scale or "tile")
+
+
+def _projection_figure(f: h5py.File, options: RenderOptions) -> Image.Image:
+    """Zeiler's Fig. 2 for a projection file (``projection_views.figure``)."""
+    given = [flag for flag, value in (("--layer", options.layer), ("--role", options.role), ("--scale", options.scale),
+             ("--overlay", options.overlay), ("--top", options.top), ("--channel", options.channel),
+             ("--image", None if options.image == "0" else options.image)) if value is not None]  # fmt: skip
+    if given:
+        raise UsageError(f"{', '.join(given)}: for maps files; a projection file is drawn whole (--full: uncropped)")
+    from .projection_views import figure
+
+    return figure(f, options.full)
+
+
+def _occlusion_figure(f: h5py.File, options: RenderOptions) -> Image.Image:
+    """Zeiler's Fig. 7 rows for an occlusion file (``occlusion_views.figure``)."""
+    given = [flag for flag, value in (("--layer", options.layer), ("--role", options.role), ("--scale", options.scale),
+             ("--overlay", options.overlay), ("--top", options.top), ("--channel", options.channel),
+             ("--full", options.full or None)) if value is not None]  # fmt: skip
+    if given:
+        raise UsageError(f"{', '.join(given)}: for maps files; an occlusion file is drawn per --image (INDEX|PATH|all)")
+    from .occlusion_views import figure
+
+    return figure(f, options.image)
 
 
 def _check(options: RenderOptions) -> None:
@@ -105,7 +139,11 @@ def image_index(f: h5py.File, image: str) -> int:
 
 
 def default_output(options: RenderOptions) -> Path:
-    """``<file stem>.<layer>[.overlayC|.topK-cC].png`` in the current directory."""
+    """``<file stem>.<layer>[.overlayC|.topK-cC].png`` in the current directory (without a layer, for
+    projection files: ``<file stem>[.full].png``)."""
+    if options.layer is None:  # occlusion files: one name per --image
+        image = "" if options.image == "0" else "." + re.sub(r"[^A-Za-z0-9._-]", "_", options.image)
+        return Path(f"{options.file.stem}{'.full' if options.full else ''}{image}.png")
     layer = re.sub(r"[^A-Za-z0-9._-]", "_", options.layer)
     what = ""
     if options.overlay is not None:

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
@@ -19,7 +19,12 @@ import numpy as np
 from .analysis import ChannelSummary, LayerStats, histogram, layer_stats, top_images
 from .errors import UsageError
 from .store import schema
+from .store.layout import file_kind
 from .store.reader import check_channel, layer_group, missing_sources, printable, reading
+
+if TYPE_CHECKING:  # imported when a projection file is read (it loads Pillow)
+    from .occlusion_views import OcclusionSummary
+    from .projection_views import ProjectionSummary
 
 HIST_BINS = 20
 
@@ -121,6 +126,13 @@ class FileSummary:
     preprocessing: dict[str, Any]
     layers: list[LayerSummary]
     missing_sources: list[str]  # virtual files only: shard files that are gone (their rows read as NaN)
+    file_bytes: int  # the file's size
+    map_bytes: int  # stored bytes of every map (z, a) and /input; the rest is statistics and metadata
+
+    @property
+    def other_bytes(self) -> int:
+        """Statistics, image records and HDF5's own metadata."""
+        return max(0, self.file_bytes - self.map_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able data; NaN and infinities (e.g. maps that overflowed) become None (null)."""
@@ -169,7 +181,7 @@ def _storage_bytes(*datasets: h5py.Dataset) -> tuple[int, int]:
     return on_disk, raw
 
 
-def read_summary(path: str | Path, details: Details = Details()) -> FileSummary:
+def read_summary(path: str | Path, details: Details = Details()) -> FileSummary | ProjectionSummary | OcclusionSummary:
     """Summarise an fmap file: metadata, images, and per layer storage and z/a statistics.
 
     Raises:
@@ -178,8 +190,30 @@ def read_summary(path: str | Path, details: Details = Details()) -> FileSummary:
     """
     if details.channel is not None and details.layer is None:
         raise UsageError("--channel needs --layer (which layer's channel?)")
-    with reading(path, missing_sources_ok=True) as f:
+    with reading(path, missing_sources_ok=True, kinds=(schema.MAPS, schema.PROJECTION, schema.OCCLUSION)) as f:
+        if file_kind(f) == schema.PROJECTION:
+            return _projection_summary(f, str(path), details)
+        if file_kind(f) == schema.OCCLUSION:
+            return _occlusion_summary(f, str(path), details)
         return _summarise(f, str(path), details)
+
+
+def _projection_summary(f: h5py.File, path: str, details: Details) -> ProjectionSummary:
+    if details != Details():
+        raise UsageError(f"{printable(path)} is a projection file: --layer, --channel, --channels, --top and --hist "
+                         "describe maps files")  # fmt: skip
+    from .projection_views import projection_summary
+
+    return projection_summary(f, path)
+
+
+def _occlusion_summary(f: h5py.File, path: str, details: Details) -> OcclusionSummary:
+    if details != Details():
+        raise UsageError(f"{printable(path)} is an occlusion file: --layer, --channel, --channels, --top and --hist "
+                         "describe maps files")  # fmt: skip
+    from .occlusion_views import occlusion_summary
+
+    return occlusion_summary(f, path)
 
 
 def _summarise(f: h5py.File, path: str, details: Details) -> FileSummary:
@@ -204,7 +238,18 @@ def _summarise(f: h5py.File, path: str, details: Details) -> FileSummary:
         input_saved=schema.INPUT in f,
         preprocessing=json.loads(_text(f.attrs.get("preprocessing", "{}"))),
         layers=layers,
+        file_bytes=Path(f.filename).stat().st_size,
+        map_bytes=_map_bytes(f),
     )
+
+
+def _map_bytes(f: h5py.File) -> int:
+    """Stored bytes of every map and of /input (0 for a virtual file: its maps are in the shards)."""
+    groups = f[schema.LAYERS].values()
+    maps = [group[role] for group in groups for role in (schema.PREACTIVATION, schema.ACTIVATION) if role in group]
+    if schema.INPUT in f:
+        maps.append(f[schema.INPUT])
+    return sum(_storage_bytes(ds)[0] for ds in maps)
 
 
 def _layer_summary(group: h5py.Group, name: str, paths: list[str], details: Details) -> LayerSummary:
@@ -294,13 +339,32 @@ def _stats_line(symbol: str, role: str, stats: RoleStats) -> str:
     )
 
 
-def format_summary(summary: FileSummary) -> str:
+def _storage_line(summary: FileSummary) -> str:
+    if summary.map_bytes == 0:  # a virtual file: the maps are in the shards
+        return f"file: {_size(summary.file_bytes)}"
+    share = summary.map_bytes / summary.file_bytes if summary.file_bytes else float("nan")
+    return (
+        f"file: {_size(summary.file_bytes)}: maps {_size(summary.map_bytes)} ({share:.0%}), statistics and "
+        f"metadata {_size(summary.other_bytes)}"
+    )
+
+
+def format_summary(summary: FileSummary | ProjectionSummary | OcclusionSummary) -> str:
     """The human-readable report ``fmap inspect`` prints."""
+    if not isinstance(summary, FileSummary):
+        from .occlusion_views import OcclusionSummary, format_occlusion_summary
+
+        if isinstance(summary, OcclusionSummary):
+            return format_occlusion_summary(summary)
+        from .projection_views import format_projection_summary
+
+        return format_projection_summary(summary)
     lines = [
         f"{summary.path}: fmap schema v{summary.schema_version}, written by fmap {summary.fmap_version} "
         f"at {summary.created} on {summary.device}",
         f"model: {summary.model_name} ({summary.model_source})",
         f"images: {summary.n_images}" + ("  (input tensor saved in /input)" if summary.input_saved else ""),
+        _storage_line(summary),
     ]
     if summary.missing_sources:
         lines.append(

@@ -39,6 +39,13 @@ def known(path: Path, names: tuple[str, str] = ("conv", "pool"), **attrs: str) -
     return path
 
 
+def storage_line(path: Path, map_bytes: int) -> str:
+    """The report's storage line, from the file's size (which depends on HDF5's own layout)."""
+    size = path.stat().st_size
+    rest = f"{(size - map_bytes) / 1024:.1f} KiB"
+    return f"file: {size / 1024:.1f} KiB: maps {map_bytes} B ({map_bytes / size:.0%}), statistics and metadata {rest}"
+
+
 def test_whole_text_report(tmp_path: Path) -> None:
     # conv z: channel 0 holds -2 -1 1 2 0 1 2 3, channel 1 four -1 and four -3: min -3, max 3,
     # mean -10/16, E[z^2] 64/16 so std sqrt(4 - 0.625^2) = 1.8998, negatives (2 + 8)/16.
@@ -51,6 +58,7 @@ def test_whole_text_report(tmp_path: Path) -> None:
         f"{path}: fmap schema v1, written by fmap 9.9.9 at 2024-01-02T03:04:05Z on cpu\n"
         "model: crafted (tests)\n"
         "images: 2\n"
+        f"{storage_line(path, 128 + 8)}\n"
         "  [0] img0.png  (32x32)\n"
         "  [1] img1.png  (32x32)\n"
         "layers:\n"
@@ -73,14 +81,15 @@ def test_stored_text_is_printed_with_control_characters_escaped(tmp_path: Path) 
     result = fmap("inspect", path, "--channels", "--top", "1", "--hist")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[:5] == [
+    assert lines[:6] == [
         f"{path}: fmap schema v1, written by fmap 9.9.9 at 2024-01-02T03:04:05Z on \\x1b[2J",
         "model: m\\x1b[31mred (tests)",
         "images: 2",
+        storage_line(path, 128 + 8),
         "  [0] \\x1b]0;pwned\\x07a.png  (32x32)",
         "  [1] b\\x1b[2J\\x9b\\x7f\\x0a.png  (32x32)",
     ]
-    assert lines[6].startswith("  c\\x1bv  conv2d -> relu  2x2x2x2 float32")
+    assert lines[7].startswith("  c\\x1bv  conv2d -> relu  2x2x2x2 float32")
     assert "         0: 3 [1] b\\x1b[2J\\x9b\\x7f\\x0a.png" in lines
     assert not CONTROL.search(result.stdout)
     data = json.loads(fmap("inspect", path, "--json").stdout)  # JSON escapes them itself
@@ -97,7 +106,10 @@ def test_text_report_is_the_same_with_and_without_stats(all_layers_file: Path, t
     scanned = without_stats(all_layers_file, tmp_path / "maps.h5.old")
     reference = with_reference_stats(all_layers_file, tmp_path / "maps.h5.ref")
     args = ("--channels", "--top", "3", "--hist")
-    texts = [ok(fmap("inspect", str(p), *args)).stdout.split("\n", 1)[1] for p in (scanned, reference)]
+    texts = [
+        [line for line in ok(fmap("inspect", str(p), *args)).stdout.splitlines()[1:] if not line.startswith("file: ")]
+        for p in (scanned, reference)
+    ]
     assert texts[0] == texts[1]
 
 

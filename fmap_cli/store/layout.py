@@ -20,7 +20,7 @@ from . import schema
 from .chunks import chunk_shape, describe_compressors
 
 STR = h5py.string_dtype("utf-8")
-ROW_CHUNK_BYTES = 64 << 10  # chunks of the small datasets along N (records, statistics): at most 64 KiB
+ROW_CHUNK_BYTES = 4 << 10  # chunks of the small datasets along N (records, statistics): about 4 KiB
 
 Codec = tuple[str | None, int]  # (h5py filter "gzip" / "lzf" / None, gzip level)
 
@@ -112,14 +112,21 @@ def set_attrs(obj: h5py.HLObject, **values: Any) -> None:
     Raises:
         schema.SchemaError: an attribute the schema does not document for this node.
     """
+    kind = values.get("fmap_file_kind") or file_kind(obj.file)
     for name, value in values.items():
-        obj.attrs[name] = encode(schema.attr_for(obj.name, name).dtype, value)
+        obj.attrs[name] = encode(schema.attr_for(obj.name, name, kind).dtype, value)
+
+
+def file_kind(f: h5py.File) -> str:
+    """What a file holds (``schema.KINDS``); files of schema version 1 are all maps."""
+    kind = f.attrs.get("fmap_file_kind", schema.MAPS)
+    return kind.decode() if isinstance(kind, bytes) else str(kind)
 
 
 def create_dataset(parent: h5py.Group, name: str, keep: list[Any] | None = None, **options: Any) -> h5py.Dataset:
     """``parent.create_dataset(name, **options)`` for a dataset the schema documents; appended to
     ``keep`` when given (see :func:`create_layout`)."""
-    schema.node_for(f"{parent.name.rstrip('/')}/{name}")
+    schema.node_for(f"{parent.name.rstrip('/')}/{name}", file_kind(parent.file))
     ds = parent.create_dataset(name, **options)
     if keep is not None:
         keep.append(ds)
@@ -128,7 +135,7 @@ def create_dataset(parent: h5py.Group, name: str, keep: list[Any] | None = None,
 
 def create_group(parent: h5py.Group, name: str, keep: list[Any] | None = None) -> h5py.Group:
     """``parent.create_group(name)`` for a group the schema documents; appended to ``keep`` when given."""
-    schema.node_for(f"{parent.name.rstrip('/')}/{name}")
+    schema.node_for(f"{parent.name.rstrip('/')}/{name}", file_kind(parent.file))
     group = parent.create_group(name)
     if keep is not None:
         keep.append(group)
@@ -142,7 +149,8 @@ def growing(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any, ke
     chunk on the first write, so a chunk of many rows of a wide layer would make a one-image file
     megabytes bigger than its maps.
     """
-    row_bytes = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
+    itemsize = 16 if h5py.check_string_dtype(np.dtype(dtype)) else np.dtype(dtype).itemsize  # a string: a heap ref
+    row_bytes = itemsize * int(np.prod(shape, dtype=np.int64))
     rows = max(1, min(1024, ROW_CHUNK_BYTES // max(1, row_bytes)))
     ds = create_dataset(
         group, name, keep, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(rows, *shape)
@@ -176,6 +184,7 @@ def create_layout(
     set_attrs(
         f,
         fmap_schema_version=schema.SCHEMA_VERSION,
+        fmap_file_kind=schema.MAPS,
         complete=0,
         fmap_version=__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -252,7 +261,7 @@ def _create_layer(parent: h5py.Group, layer: LayerRecord, storage: Storage, keep
     channels = layer.output_shape[0]
     for name in schema.IMAGE_STATS:
         growing(stats, name, (channels,), np.float32, keep)
-    growing(stats, schema.IMAGE_ARGMAX, (channels, 2), np.int64, keep)
+    growing(stats, schema.IMAGE_ARGMAX, (channels, 2), np.int32, keep)
 
 
 def _create_map(

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import FmapError, FmapFileError, UnknownLayerError, UsageError, did_you_mean, first_line
 from . import schema
+from .layout import file_kind
 
 DAMAGED = "damaged fmap file"
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: terminals act on them
@@ -37,13 +38,16 @@ def printable(text: str) -> str:
 
 
 @contextmanager
-def open_fmap(path: str | Path, missing_sources_ok: bool = False) -> Iterator[h5py.File]:
+def open_fmap(
+    path: str | Path, missing_sources_ok: bool = False, kinds: tuple[str, ...] = (schema.MAPS,)
+) -> Iterator[h5py.File]:
     """Open a complete fmap file for reading, checked as described in the module docstring.
 
     Args:
         path: the file.
         missing_sources_ok: open a virtual (merged) file even when shard files it reads from are
             gone (their rows read as NaN); ``inspect`` does, to report them.
+        kinds: the kinds of fmap file (``schema.KINDS``) the caller reads.
 
     Raises:
         FmapFileError: missing, not a regular file, not HDF5, not written by fmap, incomplete, a
@@ -61,7 +65,7 @@ def open_fmap(path: str | Path, missing_sources_ok: bool = False) -> Iterator[h5
         raise FmapFileError(f"{shown}: not an HDF5 file (or it is corrupt)") from None
     try:
         try:
-            virtual = _check_file(f, path, shown)
+            virtual = _check_file(f, path, shown, kinds)
         except FmapError:
             raise
         except Exception as exc:  # unreadable attributes or links: damage, not a bug in fmap
@@ -78,9 +82,11 @@ def open_fmap(path: str | Path, missing_sources_ok: bool = False) -> Iterator[h5
 
 
 @contextmanager
-def reading(path: str | Path, missing_sources_ok: bool = False) -> Iterator[h5py.File]:
+def reading(
+    path: str | Path, missing_sources_ok: bool = False, kinds: tuple[str, ...] = (schema.MAPS,)
+) -> Iterator[h5py.File]:
     """:func:`open_fmap`, turning any inconsistency inside the file into a one-line FmapFileError."""
-    with open_fmap(path, missing_sources_ok) as f:
+    with open_fmap(path, missing_sources_ok, kinds) as f:
         try:
             yield f
         except FmapError:
@@ -198,15 +204,24 @@ def _check_version(f: h5py.File, path: str) -> None:
     raise FmapFileError(f"{path}: schema version {version} is not one this fmap reads ({listed})")
 
 
-def _check_file(f: h5py.File, path: Path, shown: str) -> bool:
+def _check_file(f: h5py.File, path: Path, shown: str, kinds: tuple[str, ...]) -> bool:
     """Every check of :func:`open_fmap` that reads no data; returns whether the file is virtual."""
     _check_version(f, shown)
+    kind = file_kind(f)
+    if kind not in kinds:
+        wanted = " or ".join(f"'{k}'" for k in kinds)
+        raise FmapFileError(f"{shown}: an fmap file of kind '{printable(kind)}'; this command reads {wanted} files")
     if not _flag(f, "complete", shown):
         raise FmapFileError(
             f"{shown}: incomplete file (complete=0): the run writing it did not finish; "
             "rerun that command (with --resume, or --append if it was appending)"
         )
     virtual = _flag(f, "virtual", shown)
+    if kind != schema.MAPS:  # other kinds: their nodes, as their schema lists them
+        _check_links(f, shown)
+        _check_storage(f, path, shown, virtual)
+        _check_nodes(f, shown, kind)
+        return virtual
     n_images = int_attr(f, "n_images", shown, "a count of images (an integer >= 0)", lambda n: n >= 0)
     _check_links(f, shown)
     _check_storage(f, path, shown, virtual)
@@ -247,6 +262,30 @@ def _check_rows(f: h5py.File, path: str, n_images: int) -> None:
         if not shape or shape[0] != n_images:
             length = f"length {shape[0]}" if shape else "no length (a scalar)"
             raise FmapFileError(printable(f"{path}: {DAMAGED}: n_images is {n_images} but {name} has {length}"))
+
+
+def _check_nodes(f: h5py.File, path: str, kind: str) -> None:
+    """Every required node of a ``kind`` file is there, a group or dataset as documented, and the
+    datasets whose first axis the schema names alike (e.g. K) agree on its length."""
+    lengths: dict[str, tuple[str, int]] = {}
+    for node in schema.KINDS[kind]:
+        obj = f.get(node.path)
+        if obj is None:
+            if node.required:
+                raise FmapFileError(printable(f"{path}: {DAMAGED}: {node.path} is missing"))
+            continue
+        wanted = h5py.Group if node.kind == "group" else h5py.Dataset
+        if not isinstance(obj, wanted):
+            raise FmapFileError(printable(f"{path}: {DAMAGED}: {node.path} is not a {node.kind}"))
+        axis = node.shape.strip("()").split(",")[0].strip()
+        if node.kind != "dataset" or not axis.isalpha():
+            continue
+        length = obj.shape[0] if obj.shape else -1
+        first = lengths.setdefault(axis, (node.path, length))
+        if length != first[1]:
+            raise FmapFileError(
+                printable(f"{path}: {DAMAGED}: {node.path} has length {length} along {axis}, {first[0]} {first[1]}")
+            )
 
 
 # ---------------------------------------------------------------------------- links and virtual datasets

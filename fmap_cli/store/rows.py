@@ -144,7 +144,9 @@ class RowWriter:
                 if key in self.f:
                     self._ds(key)[...] = values
                 else:
-                    self._open[key] = create_dataset(self.f[stats], f"{role}_{name}", self._keep, data=values)
+                    self._open[key] = create_dataset(
+                        self.f[stats], f"{role}_{name}", self._keep, data=values.astype(np.float32)
+                    )
 
     def add_failures(self, failures: Sequence[Failure]) -> None:
         """Record images skipped with --skip-bad: (position in the input list, path, reason)."""

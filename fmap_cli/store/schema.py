@@ -121,82 +121,63 @@ class Node:
 MAP_DIMS = "(N, C, H, W)"
 MAP_DTYPE = "float32|float16"  # --dtype
 
-SCHEMA: tuple[Node, ...] = (
-    Node(
-        "/",
-        "group",
-        "The file. Written under a temporary name and renamed onto its final name only when complete.",
-        attrs=(
-            Attr("fmap_schema_version", "int64", f"Version of this schema ({SCHEMA_VERSION})."),
-            Attr("complete", "int8", "1 once every dataset is written; set last, just before the rename."),
-            Attr("fmap_version", "str", "Version of fmap that wrote the file."),
-            Attr("torch_version", "str", "Version of PyTorch that ran the forward pass."),
-            Attr("created", "str", "Creation time, UTC, ISO 8601."),
-            Attr("command", "str", "The command line that made the file."),
-            Attr("working_directory", "str", "Where it ran: relative image paths are relative to it."),
-            Attr("n_images", "int64", "Number of images N stacked along the first axis of every map."),
-            Attr("device", "str", "Device the forward pass ran on (cpu, cuda:0, ...)."),
-            Attr(
-                "memory_format",
-                "str",
-                "Memory layout of the batch fed to the model: 'contiguous' (NCHW in C order, as torch.stack of "
-                "ToTensor outputs gives: every map equals the model's own forward on /input at the same batch "
-                "size) or 'channels_last' (--memory-format channels_last: faster, maps differ by float32 rounding).",
-            ),
-            Attr("model_name", "str", "Name of the model."),
-            Attr("model_source", "str", "Where the model came from: a spec file's path, or builtin:<name>."),
-            Attr(
-                "model_spec",
-                "str (JSON)",
-                "The model as JSON: for spec files the parsed spec with defaults and the file's own text "
-                "('text'); for PyTorch models the source, factory arguments and architecture (repr).",
-            ),
-            Attr(
-                "weights_sha256",
-                "str",
-                "SHA-256 of the weights file's bytes, or of the parameters (names, shapes, bytes) without a file.",
-            ),
-            Attr("preprocessing", "str (JSON)", "Every preprocessing step applied, with its parameters."),
-            Attr("layers", "str[]", "Names of the stored layers, in forward order."),
-            Attr("glossary", "str", "Human-readable definitions of z, a and 'feature map'."),
-            Attr("pairing_rule", "str", "How each layer's z and a were chosen (the rule, in words)."),
-            Attr(
-                "storage",
-                "str (JSON)",
-                "How maps are stored: dtype, roles kept, codec per role ([filter, gzip level]); --append "
-                "and merge require it to match.",
-            ),
-            Attr(
-                "compressor",
-                "str",
-                "The library that compressed the gzip map chunks and its own level, e.g. 'isal 1.9.1 level 1' "
-                "(ISA-L; gzip:1-3 -> its level 1, 4-6 -> 2, 7-9 -> 3) or 'zlib 1.2.13 level 1' (where isal is "
-                "missing; gzip:0 is always zlib's level 0, stored); 'role: ...; role: ...' when z and a differ; "
-                "'none' without gzip. Either way the chunks are standard zlib streams, read by any HDF5 deflate "
-                "filter; the level in the filter's parameters is the gzip:N asked for, information only. Chunks "
-                "copied as stored (--resume, --append, merge) keep the bytes their own writer made. Absent in "
-                "files written before it was added (their chunks are zlib's).",
-                required=False,
-            ),
-            Attr("input_list_sha256", "str", "SHA-256 of the whole input list (before sharding), one path a line."),
-            Attr("n_inputs", "int64", "Length of that whole input list."),
-            Attr(
-                "input_lists",
-                "str (JSON)",
-                "Every input list that added images, in order: the first run's and each --append's, as "
-                '[{"sha256": ..., "n_inputs": ...}]; an --append of a list already here adds nothing.',
-            ),
-            Attr("shard_index", "int64", "K of --shard K/N (0-based); absent when not sharded.", False),
-            Attr("shard_count", "int64", "N of --shard K/N; absent when not sharded.", False),
-            Attr("merged_from", "str[]", "The shard files `fmap merge` combined (merged files only).", False),
-            Attr(
-                "virtual",
-                "int8",
-                "1 for `fmap merge --virtual`: maps are HDF5 virtual datasets over the shards.",
-                False,
-            ),
-        ),
+# Root attributes every kind of fmap file has: the file itself, then the model run that made it,
+# then the images it covers.
+FILE_ATTRS: tuple[Attr, ...] = (
+    Attr("fmap_schema_version", "int64", f"Version of this schema ({SCHEMA_VERSION})."),
+    Attr(
+        "fmap_file_kind",
+        "str",
+        "What the file holds: 'maps' (fmap extract, fmap merge); other kinds are listed below with their own "
+        "nodes. Absent in schema version 1 files, which are all 'maps'.",
     ),
+    Attr("complete", "int8", "1 once every dataset is written; set last, just before the rename."),
+    Attr("fmap_version", "str", "Version of fmap that wrote the file."),
+    Attr("created", "str", "Creation time, UTC, ISO 8601."),
+    Attr("command", "str", "The command line that made the file."),
+    Attr("working_directory", "str", "Where it ran: relative image paths are relative to it."),
+)
+MODEL_ATTRS: tuple[Attr, ...] = (
+    Attr("torch_version", "str", "Version of PyTorch that ran the forward pass."),
+    Attr("device", "str", "Device the forward pass ran on (cpu, cuda:0, ...)."),
+    Attr(
+        "memory_format",
+        "str",
+        "Memory layout of the batch fed to the model: 'contiguous' (NCHW in C order, as torch.stack of "
+        "ToTensor outputs gives: every map equals the model's own forward on /input at the same batch "
+        "size) or 'channels_last' (--memory-format channels_last: faster, maps differ by float32 rounding).",
+    ),
+    Attr("model_name", "str", "Name of the model."),
+    Attr("model_source", "str", "Where the model came from: a spec file's path, or builtin:<name>."),
+    Attr(
+        "model_spec",
+        "str (JSON)",
+        "The model as JSON: for spec files the parsed spec with defaults and the file's own text "
+        "('text'); for PyTorch models the source, factory arguments and architecture (repr).",
+    ),
+    Attr(
+        "weights_sha256",
+        "str",
+        "SHA-256 of the weights file's bytes, or of the parameters (names, shapes, bytes) without a file.",
+    ),
+    Attr("preprocessing", "str (JSON)", "Every preprocessing step applied, with its parameters."),
+)
+IMAGES_ATTRS: tuple[Attr, ...] = (
+    Attr("n_images", "int64", "Number of images N stacked along the first axis of every map."),
+    Attr("input_list_sha256", "str", "SHA-256 of the whole input list (before sharding), one path a line."),
+    Attr("n_inputs", "int64", "Length of that whole input list."),
+    Attr(
+        "input_lists",
+        "str (JSON)",
+        "Every input list that added images, in order: the first run's and each --append's, as "
+        '[{"sha256": ..., "n_inputs": ...}]; an --append of a list already here adds nothing.',
+    ),
+    Attr("shard_index", "int64", "K of --shard K/N (0-based); absent when not sharded.", False),
+    Attr("shard_count", "int64", "N of --shard K/N; absent when not sharded.", False),
+)
+
+# Nodes every kind of fmap file has: the image records along N, failures, and the input tensor.
+IMAGE_NODES: tuple[Node, ...] = (
     Node("/N", "dataset", "Image index 0..N-1: dimension scale N of /input and every map.", "int64", "(N,)"),
     *(
         Node(
@@ -238,6 +219,48 @@ SCHEMA: tuple[Node, ...] = (
         "(N, 3, H, W)",
         required=False,
     ),
+)
+
+SCHEMA: tuple[Node, ...] = (
+    Node(
+        "/",
+        "group",
+        "The file. Written under a temporary name and renamed onto its final name only when complete.",
+        attrs=(
+            *FILE_ATTRS,
+            *MODEL_ATTRS,
+            *IMAGES_ATTRS,
+            Attr("layers", "str[]", "Names of the stored layers, in forward order."),
+            Attr("glossary", "str", "Human-readable definitions of z, a and 'feature map'."),
+            Attr("pairing_rule", "str", "How each layer's z and a were chosen (the rule, in words)."),
+            Attr(
+                "storage",
+                "str (JSON)",
+                "How maps are stored: dtype, roles kept, codec per role ([filter, gzip level]); --append "
+                "and merge require it to match.",
+            ),
+            Attr(
+                "compressor",
+                "str",
+                "The library that compressed the gzip map chunks and its own level, e.g. 'isal 1.9.1 level 1' "
+                "(ISA-L; gzip:1-3 -> its level 1, 4-6 -> 2, 7-9 -> 3) or 'zlib 1.2.13 level 1' (where isal is "
+                "missing; gzip:0 is always zlib's level 0, stored); 'role: ...; role: ...' when z and a differ; "
+                "'none' without gzip. Either way the chunks are standard zlib streams, read by any HDF5 deflate "
+                "filter; the level in the filter's parameters is the gzip:N asked for, information only. Chunks "
+                "copied as stored (--resume, --append, merge) keep the bytes their own writer made. Absent in "
+                "files written before it was added (their chunks are zlib's).",
+                required=False,
+            ),
+            Attr("merged_from", "str[]", "The shard files `fmap merge` combined (merged files only).", False),
+            Attr(
+                "virtual",
+                "int8",
+                "1 for `fmap merge --virtual`: maps are HDF5 virtual datasets over the shards.",
+                False,
+            ),
+        ),
+    ),
+    *IMAGE_NODES,
     Node(f"/{LAYERS}", "group", "One group per stored layer, named as in the model."),
     Node(
         f"/{LAYERS}/{{layer}}",
@@ -269,12 +292,26 @@ SCHEMA: tuple[Node, ...] = (
             Attr("a_is_f_of_z", "int8", "1 when nothing but f lies between z and a, so a == f(z) can be re-checked."),
             Attr("note", "str", "Why there is no activation dataset (only when has_activation = 0).", False),
             Attr("output_shape", "int64[]", "Shape of one image's map: (C, H, W), or (C,) for linear layers."),
-            Attr("receptive_field", "int64[2]", "Receptive field of one unit, in input pixels (H, W)."),
-            Attr("receptive_field_stride", "int64[2]", "Input pixels between neighbouring units (H, W)."),
+            Attr(
+                "receptive_field",
+                "int64[2]",
+                "Receptive field of one unit, in input pixels (H, W): the extent of input it depends on, padding "
+                "included, so near the border part of it lies outside the image. Where maps join (a residual add, "
+                "a concatenation, a squeeze-and-excitation scale * x) it holds every joined field; flat features "
+                "(after flatten or global pooling) see the whole image. (-1, -1): unknown, because the units have "
+                "no place in the image (a token sequence: rows and columns merged by a reshape, or mixed by "
+                "attention) or an op moved them in a way fmap does not follow; render --overlay and --top refuse "
+                "such a layer.",
+            ),
+            Attr(
+                "receptive_field_stride",
+                "int64[2]",
+                "Input pixels between neighbouring units (H, W); (0, 0) for flat features; (-1, -1) when unknown.",
+            ),
             Attr(
                 "receptive_field_start",
                 "float64[2]",
-                "Input-pixel coordinates (row, col) of the centre of unit (0, 0)'s receptive field.",
+                "Input-pixel coordinates (row, col) of the centre of unit (0, 0)'s receptive field; NaN when unknown.",
             ),
             Attr("channel_descriptions", "str[]", "What each channel responds to (built-in models).", False),
         ),
@@ -343,8 +380,8 @@ SCHEMA: tuple[Node, ...] = (
     Node(
         f"/{LAYERS}/{{layer}}/{STATS}/{IMAGE_ARGMAX}",
         "dataset",
-        "Per image and channel: (row, col) of image_max in the map (the first, row-major).",
-        "int64",
+        "Per image and channel: (row, col) of image_max in the map (the first, row-major); int64 in schema version 1.",
+        "int32",
         "(N, C, 2)",
     ),
     *(
@@ -354,8 +391,8 @@ SCHEMA: tuple[Node, ...] = (
             f"Per channel, over every value of every image: {words} of {symbol}"
             + ("" if role == PREACTIVATION else " (absent without a nonlinearity)")
             + ("" if name != "negatives" else "; absent in schema version 1")
-            + ".",
-            "float64",
+            + " (float64 in schema version 1; pooled in float64 by merge and --append).",
+            "float32",
             "(C,)",
             required=role == PREACTIVATION and name != "negatives",
         )
@@ -369,6 +406,284 @@ SCHEMA: tuple[Node, ...] = (
 )
 
 
+# ---------------------------------------------------------------------------- projection files (fmap project)
+
+PROJECTION = "projection"
+# How each --method passes the signal back, in words (stored as /projection@rule).
+PROJECTION_METHODS = {
+    "deconvnet": (
+        "Zeiler & Fergus 2014: at every nonlinearity f the signal g passes back as relu(g), whatever the "
+        "forward input and without f's derivative (for ReLU: only the backward sign mask); max pooling sends it "
+        "to the positions of the forward maxima (its switches), a convolution back through its transposed "
+        "filters; batch norm, residual adds and every other op pass back their ordinary gradient. Nonlinearities "
+        "other than ReLU (leaky ReLU, GELU, SiLU, sigmoid, tanh, ...) are treated alike: relu(g)."
+    ),
+    "guided": (
+        "Springenberg et al. 2015 (guided backpropagation): at every nonlinearity f the signal g passes back as "
+        "f'(x) relu(g): for ReLU only where both the forward input x and the backward signal g are positive (both "
+        "sign masks); nonlinearities other than ReLU (leaky ReLU, GELU, SiLU, sigmoid, tanh, ...) apply their own "
+        "derivative f'(x) to relu(g). Every other op passes back its ordinary gradient."
+    ),
+    "gradient": (
+        "Simonyan et al. 2014: the plain gradient of the unit's activation with respect to the input, times the "
+        "activation's value; every op, nonlinearities included, passes back its ordinary gradient."
+    ),
+}
+PROJECTED_NONLINEARITIES = (
+    "The rules apply to every nonlinearity the pairing rule recognises (relu, relu6, leaky_relu, elu, celu, selu, "
+    "gelu, silu, hardswish, hardsigmoid, mish, sigmoid, tanh, prelu, softplus, hardtanh), as a module, a function "
+    "or an in-place method; any other op passes back its ordinary gradient."
+)
+UNIT_KINDS = ("unit", "whole map")
+
+PROJECTION_SCHEMA: tuple[Node, ...] = (
+    Node(
+        "/",
+        "group",
+        "A projection file (fmap project): single activations of one channel of a maps file, each projected "
+        "back to the network's input pixels. Written like every fmap file: complete when it appears.",
+        attrs=(
+            *FILE_ATTRS,
+            *MODEL_ATTRS,
+            Attr("source_file", "str", "The fmap file (maps) whose images, preprocessing and model were used."),
+            Attr("source_input_list_sha256", "str", "That file's input_list_sha256: which input list it covers."),
+            Attr("n_units", "int64", "Number K of projections (one unit, or one whole map, each)."),
+        ),
+    ),
+    Node(
+        f"/{PROJECTION}",
+        "dataset",
+        "The projections: layer L's activation map with every entry zeroed but the unit (which keeps its value), "
+        "passed back to the input by the method's rule; in the network's input space (before de-normalisation), "
+        "so a projection scales with the activation it shows. gzip level 1.",
+        "float32",
+        "(K, 3, H, W)",
+        attrs=(
+            Attr("role", "str", "'projection'."),
+            Attr("method", "str", "deconvnet, guided or gradient: see 'rule'."),
+            Attr(
+                "rule",
+                "str",
+                "How the method passes the signal back through each op, in words. " + PROJECTED_NONLINEARITIES,
+            ),
+            Attr("layer", "str", "The layer L whose activation (its z when it has no nonlinearity) was projected."),
+            Attr("channel", "int64", "The channel C of L."),
+            Attr(
+                "units",
+                "str",
+                "'unit': each projection starts from one unit (/unit/row, /unit/col); 'whole map': from every "
+                "activation of channel C on that image (Zeiler's 'feature map as input').",
+            ),
+            Attr("receptive_field", "int64[2]", "Receptive field of one unit of L, in input pixels (H, W)."),
+            Attr("receptive_field_stride", "int64[2]", "Input pixels between neighbouring units of L (H, W)."),
+            Attr(
+                "receptive_field_start",
+                "float64[2]",
+                "Input-pixel coordinates (row, col) of the centre of unit (0, 0)'s receptive field.",
+            ),
+            Attr("description", "str", "One sentence saying what this dataset is."),
+        ),
+    ),
+    Node(
+        f"/{INPUT}",
+        "dataset",
+        "The input tensor of each projection's image, as fed to the network (after preprocessing), for pictures "
+        "of the projections beside their images. gzip level 1.",
+        "float32",
+        "(K, 3, H, W)",
+    ),
+    Node("/unit", "group", "Where each projection starts, one entry per projection."),
+    Node("/unit/image", "dataset", "Index of the image in the source file (its /images order).", "int64", "(K,)"),
+    Node("/unit/path", "dataset", "The image's path, as the source file stores it.", "str", "(K,)"),
+    Node("/unit/row", "dataset", "Row of the unit in L's map; -1 for a whole map.", "int64", "(K,)"),
+    Node("/unit/col", "dataset", "Column of the unit in L's map; -1 for a whole map.", "int64", "(K,)"),
+    Node(
+        "/unit/value",
+        "dataset",
+        "The activation projected (recomputed; with a whole map, the map's maximum).",
+        "float32",
+        "(K,)",
+    ),
+)
+
+
+# ---------------------------------------------------------------------------- occlusion files (fmap occlude)
+
+OCCLUSION = "occlusion"
+OCCLUSION_METHOD = (
+    "Occlusion sensitivity (Zeiler & Fergus, ECCV 2014, section 4.2 and Fig. 7): a square of one colour covers "
+    "each part of the image in turn; at every position the network runs on the covered copy and records the "
+    "total activation of a feature map (its sum over the map) and, for a classifier, the probability of a class "
+    "and the most probable label. Where covering a part lowers the total, the feature map needs that part."
+)
+
+OCCLUSION_SCHEMA: tuple[Node, ...] = (
+    Node(
+        "/",
+        "group",
+        "An occlusion file (fmap occlude). Written under a temporary name and renamed onto its final name only "
+        "when complete.",
+        attrs=(
+            *FILE_ATTRS,
+            *MODEL_ATTRS,
+            *IMAGES_ATTRS,
+            Attr("layer", "str", "The layer L whose feature maps were summed (--layer); absent without it.", False),
+            Attr("patch", "int64[2]", "Occluder size (H, W) in input pixels (--patch)."),
+            Attr(
+                "stride",
+                "int64[2]",
+                "Input pixels between neighbouring occluder positions (H, W) (--stride); the last position of a "
+                "column or row may be closer, flush with the image's edge.",
+            ),
+            Attr(
+                "fill",
+                "float64[3]",
+                "The occluder's colour as R, G, B in [0, 1] pixel space, before normalisation: grey = 0.5 (the "
+                "paper's grey square), mean = the normalisation mean (zero after normalising), zero = black, or "
+                "--fill R,G,B divided by 255. The network sees (fill - mean) / std.",
+            ),
+            Attr("fill_name", "str", "--fill as given: grey, mean, zero or R,G,B (0-255)."),
+            Attr(
+                "channel_choice",
+                "str",
+                "How /occlusion/channel was chosen: 'strongest' (per image, the channel of L with the largest total "
+                "activation on the unoccluded image), 'given' (--channel C or C1,C2,...) or 'all'; absent without "
+                "--layer.",
+                False,
+            ),
+            Attr(
+                "class_choice",
+                "str",
+                "How /occlusion/class was chosen: 'top1' (per image, the most probable class of the unoccluded "
+                "image) or 'given' (--class K); absent without class maps.",
+                False,
+            ),
+            Attr("n_classes", "int64", "K: the number of class scores the model outputs; absent without them.", False),
+            Attr(
+                "class_names_source",
+                "str",
+                "Where /occlusion/class_names came from (e.g. a torchvision weights' categories, timm's ImageNet "
+                "label info); absent without names.",
+                False,
+            ),
+        ),
+    ),
+    *IMAGE_NODES,
+    Node(
+        f"/{OCCLUSION}",
+        "group",
+        "What each occluder position did to the network. Positions: top-left corners y = 0, S, 2S, ... up to "
+        "H - P (likewise x), plus one flush with the edge when H - P is not a multiple of S, so every pixel is "
+        "covered; row-major over (y, x).",
+        attrs=(Attr("description", "str", "The method, in words."),),
+    ),
+    *(
+        Node(
+            f"/{OCCLUSION}/{axis}",
+            "dataset",
+            f"Top-left {what} of each occluder position, in input pixels: dimension scale {axis} of the maps.",
+            "int64",
+            f"(G{axis},)",
+            attrs=(Attr("description", "str", "One sentence saying what this dataset is."),),
+        )
+        for axis, what in (("y", "row"), ("x", "column"))
+    ),
+    Node(
+        f"/{OCCLUSION}/activity",
+        "dataset",
+        "Total activation of L's channel /occlusion/channel[n, k] (the sum of a over the map; of z when L has no "
+        "nonlinearity) with the occluder at (y, x): Zeiler's Fig. 7(b); compare with /occlusion/baseline. Only "
+        "with --layer. Dimension scales N, y, x attached.",
+        "float32",
+        "(N, n_channels, Gy, Gx)",
+        attrs=(
+            Attr("role", "str", "The map summed: 'activation' (a) or 'preactivation' (z, when L has none)."),
+            Attr("description", "str", "One sentence saying what this dataset is."),
+        ),
+        required=False,
+    ),
+    Node(
+        f"/{OCCLUSION}/channel",
+        "dataset",
+        "The channels of L in /occlusion/activity, per image (see the root's channel_choice). Only with --layer.",
+        "int64",
+        "(N, n_channels)",
+        attrs=(Attr("description", "str", "One sentence saying what this dataset is."),),
+        required=False,
+    ),
+    Node(
+        f"/{OCCLUSION}/baseline",
+        "dataset",
+        "Total activation of each of those channels on the unoccluded image. Only with --layer.",
+        "float32",
+        "(N, n_channels)",
+        attrs=(Attr("description", "str", "One sentence saying what this dataset is."),),
+        required=False,
+    ),
+    Node(
+        f"/{OCCLUSION}/probability",
+        "dataset",
+        "Softmax probability of /occlusion/class with the occluder at (y, x): Zeiler's Fig. 7(d). Only when the "
+        "model outputs class scores (N, K). Dimension scales N, y, x attached.",
+        "float32",
+        "(N, Gy, Gx)",
+        attrs=(Attr("description", "str", "One sentence saying what this dataset is."),),
+        required=False,
+    ),
+    Node(
+        f"/{OCCLUSION}/label",
+        "dataset",
+        "The most probable class (0..K-1) with the occluder at (y, x): Zeiler's Fig. 7(e). Only with class scores. "
+        "Dimension scales N, y, x attached.",
+        "int64",
+        "(N, Gy, Gx)",
+        attrs=(Attr("description", "str", "One sentence saying what this dataset is."),),
+        required=False,
+    ),
+    Node(
+        f"/{OCCLUSION}/class",
+        "dataset",
+        "The class whose probability /occlusion/probability holds, per image (see the root's class_choice).",
+        "int64",
+        "(N,)",
+        attrs=(Attr("description", "str", "One sentence saying what this dataset is."),),
+        required=False,
+    ),
+    Node(
+        f"/{OCCLUSION}/class_probability",
+        "dataset",
+        "Probability of /occlusion/class on the unoccluded image.",
+        "float32",
+        "(N,)",
+        attrs=(Attr("description", "str", "One sentence saying what this dataset is."),),
+        required=False,
+    ),
+    Node(
+        f"/{OCCLUSION}/top_class",
+        "dataset",
+        "The most probable class of the unoccluded image.",
+        "int64",
+        "(N,)",
+        attrs=(Attr("description", "str", "One sentence saying what this dataset is."),),
+        required=False,
+    ),
+    Node(
+        f"/{OCCLUSION}/class_names",
+        "dataset",
+        "Name of each class 0..K-1, from the model where it has them (see the root's class_names_source).",
+        "str",
+        "(K,)",
+        attrs=(Attr("description", "str", "One sentence saying what this dataset is."),),
+        required=False,
+    ),
+)
+
+
+# Every kind of fmap file and its nodes; the root attribute fmap_file_kind says which a file is.
+MAPS = "maps"
+KINDS: dict[str, tuple[Node, ...]] = {MAPS: SCHEMA, PROJECTION: PROJECTION_SCHEMA, OCCLUSION: OCCLUSION_SCHEMA}
+
+
 class SchemaError(Exception):
     """fmap tried to write a node or attribute the schema does not document (a bug, never the user's)."""
 
@@ -377,31 +692,33 @@ def _pattern(path: str) -> re.Pattern[str]:
     return re.compile(re.escape(path).replace(re.escape("{layer}"), "[^/]+"))
 
 
-_PATTERNS = tuple((_pattern(node.path), node) for node in SCHEMA)
+_PATTERNS = {kind: tuple((_pattern(node.path), node) for node in nodes) for kind, nodes in KINDS.items()}
 
 
-def node_for(path: str) -> Node:
-    """The schema entry of a concrete HDF5 path (``{layer}`` matches any layer name).
+def node_for(path: str, kind: str = MAPS) -> Node:
+    """The schema entry of a concrete HDF5 path in a file of ``kind`` (``{layer}`` matches any name).
 
     Raises:
         SchemaError: the path is not documented.
     """
-    for pattern, node in _PATTERNS:
+    for pattern, node in _PATTERNS[kind]:
         if pattern.fullmatch(path):
             return node
-    raise SchemaError(f"{path} is not in the fmap schema")
+    raise SchemaError(f"{path} is not in the fmap schema" + ("" if kind == MAPS else f" of {kind} files"))
 
 
-def attr_for(path: str, name: str) -> Attr:
-    """The schema entry of attribute ``name`` of the node at ``path``.
+def attr_for(path: str, name: str, kind: str = MAPS) -> Attr:
+    """The schema entry of attribute ``name`` of the node at ``path`` in a file of ``kind``.
 
     Raises:
         SchemaError: the node or the attribute is not documented.
     """
-    for attr in node_for(path).attrs:
+    for attr in node_for(path, kind).attrs:
         if attr.name == name:
             return attr
-    raise SchemaError(f"attribute {name!r} of {path} is not in the fmap schema")
+    raise SchemaError(
+        f"attribute {name!r} of {path} is not in the fmap schema" + ("" if kind == MAPS else f" of {kind} files")
+    )
 
 
 def to_json() -> dict[str, Any]:
@@ -412,21 +729,24 @@ def to_json() -> dict[str, Any]:
         "glossary": GLOSSARY,
         "pairing_rule": PAIRING_RULE,
         "hdf5_dimension_attributes": list(HDF5_DIMENSION_ATTRS),
-        "nodes": [
-            {
-                "path": node.path,
-                "kind": node.kind,
-                "dtype": node.dtype or None,
-                "shape": node.shape or None,
-                "required": node.required,
-                "description": node.description,
-                "attributes": [
-                    {"name": a.name, "dtype": a.dtype, "required": a.required, "description": a.description}
-                    for a in node.attrs
-                ],
-            }
-            for node in SCHEMA
-        ],
+        "kinds": {
+            kind: [
+                {
+                    "path": node.path,
+                    "kind": node.kind,
+                    "dtype": node.dtype or None,
+                    "shape": node.shape or None,
+                    "required": node.required,
+                    "description": node.description,
+                    "attributes": [
+                        {"name": a.name, "dtype": a.dtype, "required": a.required, "description": a.description}
+                        for a in node.attrs
+                    ],
+                }
+                for node in nodes
+            ]
+            for kind, nodes in KINDS.items()
+        },
     }
 
 
@@ -436,7 +756,16 @@ def render() -> str:
     lines += [*textwrap.wrap(PAIRING_RULE, 100), ""]
     dims = ", ".join(HDF5_DIMENSION_ATTRS)
     lines += [*textwrap.wrap(f"Dimension scales are HDF5's own: they carry the attributes {dims}.", 100), ""]
-    for node in SCHEMA:
+    for file_kind, nodes in KINDS.items():
+        if file_kind != MAPS:
+            lines += [f"--- {file_kind} files (fmap_file_kind = '{file_kind}') ---", ""]
+        lines += _render_nodes(nodes)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _render_nodes(nodes: tuple[Node, ...]) -> list[str]:
+    lines = []
+    for node in nodes:
         kind = node.kind if not node.dtype else f"{node.dtype} {node.shape}"
         optional = "" if node.required else ", optional"
         lines.append(f"{node.path}  [{kind}{optional}]")
@@ -445,4 +774,4 @@ def render() -> str:
             optional = "" if attr.required else ", optional"
             lines.append(f"    @{attr.name} ({attr.dtype}{optional}): {attr.description}")
         lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    return lines
