@@ -348,8 +348,20 @@ def _captured(
     placement: tuple[torch.device, torch.memory_format],
     save_input: bool,
 ) -> Batch:
-    """One decoded batch through the model, as the writer's rows."""
+    """One decoded batch through the model, as the writer's rows.
+
+    Raises:
+        ModelError: a stored layer's output does not have one row per image.
+    """
     maps = _forward(forward, batch, model, placement)
+    n = len(batch.paths)
+    for name, m in maps.items():
+        rows = next(t.shape[0] for t in (m.z, m.a) if t is not None)
+        if rows != n:  # e.g. Swin's window attention: windows folded into the batch axis
+            raise ModelError(
+                f"layer '{name}': its output has {rows} rows for {n} image(s) (the model folds other data, e.g. "
+                "attention windows, into the batch axis); fmap stores one map per image: choose another layer"
+            )
     return Batch(
         batch.paths,
         batch.original_sizes,

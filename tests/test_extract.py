@@ -485,3 +485,46 @@ def test_a_signal_ends_a_wait_for_a_stuck_decoder(tmp_path: Path, tiny_model: Pa
         release.set()
     assert str(caught.value) == "interrupted by signal 15; no output written"
     assert not partials(tmp_path / "out.h5")
+
+
+FOLDING_MODEL = """
+import torch
+from torch import nn
+
+
+class Windows(nn.Module):
+    '''Like Swin's window attention: 2x2 windows folded into the batch axis around a conv.'''
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.inner = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        n, c, h, w = x.shape
+        windows = x.reshape(n, c, 2, h // 2, 2, w // 2).permute(0, 2, 4, 1, 3, 5).reshape(n * 4, c, h // 2, w // 2)
+        y = torch.relu(self.inner(windows))
+        return y.reshape(n, 2, 2, c, h // 2, w // 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+
+
+def windows() -> nn.Module:
+    torch.manual_seed(0)
+    return Windows()
+"""
+
+
+def test_a_layer_that_folds_the_batch_axis_is_one_line(tmp_path: Path) -> None:
+    """Swin's attention layers have one row per window: the writer used to crash with a traceback."""
+    factory = tmp_path / "windows.py"
+    factory.write_text(FOLDING_MODEL)
+    images = write_photos(tmp_path / "imgs", 3)
+    out = tmp_path / "out.h5"
+    args = ["--model", f"{factory}:windows", "--size", "16", "-o", out, "--device", "cpu"]
+    line = error_line(invoke("extract", *images, *args, "--layers", "inner"), 1)
+    assert line == (
+        "Error: layer 'inner': its output has 12 rows for 3 image(s) (the model folds other data, e.g. attention "
+        "windows, into the batch axis); fmap stores one map per image: choose another layer"
+    )
+    assert not out.exists() and not partials(out)
+    ok(invoke("extract", *images, *args, "--layers", "stem"))
