@@ -5,9 +5,11 @@ A square of one colour covers each part of the image in turn. At every position 
 runs through the model, and the run records the total activation (the sum of a over the map) of
 channels of a layer L and, when the model outputs class scores (N, K), the softmax probability of
 a class and the top-1 label. The copies of one image go through the model ``--batch-size`` at a
-time, so memory is O(batch). Without class output the forward pass is capture's own
-(``capture.capture``), which stops right after L; class scores need the whole network, in a plain
-forward pass (with L as well, capture runs first, up to L, then the plain pass).
+time, so memory is O(batch). The forward pass is capture's own (``capture.capture``), which stops
+right after L when no class scores are needed. Class scores need the whole network: when they are
+the z of the last layer to run (a classifier's final linear layer, as a rule; checked on a blank
+image), capture holds L's maps and them in one pass; otherwise capture's pass to L is followed by a
+plain forward pass.
 
 The stages are extract's: ``extract.plan`` checks the output, loads the model and reads every image
 header; images are decoded ahead by the same threads; ``store.occlusion`` writes the file.
@@ -166,6 +168,7 @@ class _Work:
     x: np.ndarray  # (Gx,)
     patch: tuple[int, int]  # (H, W) of the occluder
     fill: torch.Tensor  # (3,) the occluder in normalised input space, on the device
+    scores_layer: str | None = None  # a layer whose z is the class scores: one capture pass gives both
 
     @property
     def n_channels(self) -> int:
@@ -268,7 +271,9 @@ def _work(options: OccludeOptions, planned: Plan) -> _Work:
             wrong = [int(c) for c in channels if not 0 <= c < count]
             if wrong:
                 raise UsageError(f"--channel {wrong[0]} out of range: layer '{layer}' has channels 0..{count - 1}")
-    classes = _class_count(planned, size) if options.classes else 0
+    blank = torch.zeros(1, 3, *size, device=planned.device)
+    out = _plain_output(planned, blank) if options.classes else None
+    classes = int(out.shape[1]) if out is not None and out.dim() == 2 and out.shape[1] >= 2 else 0
     if options.target is not None:
         if not classes:
             raise UsageError(
@@ -288,22 +293,34 @@ def _work(options: OccludeOptions, planned: Plan) -> _Work:
     rgb = torch.tensor(fill_rgb(occluder.fill, prep.mean), dtype=torch.float32)
     mean, std = torch.tensor(prep.mean, dtype=torch.float32), torch.tensor(prep.std, dtype=torch.float32)
     fill = ((rgb - mean) / std).to(planned.device)  # (3,) normalised, as the network sees it
-    return _Work(planned, layer, role, channels, classes, options.target, y, x, occluder.patch, fill)
+    scores = _scores_layer(planned, layer, blank, out) if layer is not None and classes and out is not None else None
+    return _Work(planned, layer, role, channels, classes, options.target, y, x, occluder.patch, fill, scores)
 
 
-def _class_count(planned: Plan, size: tuple[int, int]) -> int:
-    """K when the model's output is class scores (N, K) with K >= 2, else 0 (one blank image)."""
+def _plain_output(planned: Plan, blank: torch.Tensor) -> torch.Tensor | None:
+    """The model's own output for one blank image: a tensor, or None for anything else (a tuple, a dict)."""
     net = planned.model.module.to(planned.device)
-    blank = torch.zeros(1, 3, *size, device=planned.device)
     try:
         with torch.inference_mode():
             out = net(blank)
     except Exception as exc:  # the model's own code
         raise ModelError(f"model {planned.model.name}: the forward pass fails ({type(exc).__name__}: "
                          f"{first_line(exc)})") from None  # fmt: skip
-    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 1 and out.shape[1] >= 2:
-        return int(out.shape[1])
-    return 0
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def _scores_layer(planned: Plan, layer: str, blank: torch.Tensor, out: torch.Tensor) -> str | None:
+    """The last layer to run when its z is the model's output (a classifier's final linear layer, as a
+    rule): capturing it with L gives L's maps and the class scores in one pass. None otherwise (the
+    output is computed after it): then each batch takes capture's pass to L and a plain forward pass."""
+    last = next(reversed(planned.layers))
+    net = planned.model.module.to(planned.device)
+    try:
+        with capture(net, planned.layers, list(dict.fromkeys([layer, last]))) as grab:
+            z = grab(blank)[last].z
+    except Exception:  # e.g. a last "layer" capture cannot hold alone: the two passes always work
+        return None
+    return last if z is not None and z.shape == out.shape and torch.equal(z, out) else None
 
 
 def class_names(model: LoadedModel, count: int) -> tuple[list[str], str] | None:
@@ -363,11 +380,17 @@ def _log_plan(
         what.append(f"layer {work.layer} ({work.role}, channels: {chosen})")
     if work.classes:
         what.append(f"{work.classes} classes" + (" (names from the model)" if names else ""))
-    stop = f"; forward passes stop after {work.layer}" if work.layer is not None and not work.classes else ""
+    passes = ""
+    if work.layer is not None and not work.classes:
+        passes = f"; forward passes stop after {work.layer}"
+    elif work.layer is not None and work.scores_layer is not None:
+        passes = f"; one pass per batch (the class scores are {work.scores_layer}'s z)"
+    elif work.layer is not None:
+        passes = f"; two passes per batch (to {work.layer}, then the whole network for the class scores)"
     log(
         f"model {model.name} ({model.source}) on {planned.device}; {len(work.y)}x{len(work.x)} occluder positions "
         f"({occluder.patch[0]}x{occluder.patch[1]}, stride {occluder.steps[0]}x{occluder.steps[1]}, "
-        f"fill {occluder.fill}); {', '.join(what)}{stop}"
+        f"fill {occluder.fill}); {', '.join(what)}{passes}"
     )
 
 
@@ -386,7 +409,8 @@ def _run(
     handled = len(planned.failures)  # header failures are handled already
     with ExitStack() as stack:
         stack.enter_context(_full_float32())
-        grab = stack.enter_context(capture(net, planned.layers, [work.layer])) if work.layer is not None else None
+        wanted = [name for name in (work.layer, work.scores_layer) if name is not None]
+        grab = stack.enter_context(capture(net, planned.layers, list(dict.fromkeys(wanted)))) if wanted else None
         forward = _Forward(net, grab, work, options.inputs.batch_size, MEMORY_FORMATS[options.model.memory_format])
         writer = stack.enter_context(OcclusionWriter.create(options.out, layout, attrs, options.overwrite))
         writer.add_failures([(f.index, f.path, f.reason) for f in planned.failures])
@@ -445,8 +469,9 @@ class _Forward:
         row = OcclusionRow(path, (0, 0), "", -1)
         channels = np.zeros(0, dtype=np.int64)
         activity = np.empty((0, count), dtype=np.float64)
-        if work.layer is not None:
-            baseline = self._totals(x0, path, unoccluded)[0]  # (C,)
+        totals, probabilities = self._pass(x0, path, unoccluded)  # (1, C), (1, K)
+        if totals is not None:
+            baseline = totals[0]  # (C,)
             # the channels asked for, or this image's strongest (the first on ties)
             channels = work.channels if work.channels is not None else np.asarray([np.argmax(baseline)])
             activity = np.empty((len(channels), count), dtype=np.float64)
@@ -454,21 +479,20 @@ class _Forward:
         chance = np.empty(count, dtype=np.float64)
         label = np.empty(count, dtype=np.int64)
         target = -1
-        if work.classes:
-            probabilities = self._probabilities(x0, path, unoccluded)[0]  # (K,)
-            top = int(np.argmax(probabilities))
+        if probabilities is not None:
+            top = int(np.argmax(probabilities[0]))
             target = top if work.target is None else work.target
-            row = replace(row, target=target, target_probability=float(probabilities[target]), top_class=top)
+            row = replace(row, target=target, target_probability=float(probabilities[0, target]), top_class=top)
         for start in range(0, count, self.batch_size):
             check(stop_requested)
             corners = self.corners[start : start + self.batch_size]
             x = self._occluded(x0, corners)  # (b, 3, H, W)
             where = f"with the occluder at y={corners[0][0]}, x={corners[0][1]} and the {len(corners) - 1} after it"
             stop = start + len(corners)
-            if work.layer is not None:
-                activity[:, start:stop] = self._totals(x, path, where)[:, channels].T
-            if work.classes:
-                p = self._probabilities(x, path, where)  # (b, K)
+            totals, p = self._pass(x, path, where)  # (b, C), (b, K)
+            if totals is not None:
+                activity[:, start:stop] = totals[:, channels].T
+            if p is not None:
                 chance[start:stop] = p[:, target]
                 label[start:stop] = p.argmax(axis=1)
         if work.layer is not None:
@@ -489,30 +513,32 @@ class _Forward:
         x = torch.where(inside[:, None], self.work.fill.view(1, 3, 1, 1), x0)  # (b, 3, H, W)
         return x.contiguous(memory_format=self.memory_format)
 
-    def _totals(self, x: torch.Tensor, path: str, where: str) -> np.ndarray:
-        """(b, C) float64: the sum over the map of L's a (z without a nonlinearity) for each copy."""
-        grab = self.grab
-        assert grab is not None and self.work.layer is not None
-        maps = _guarded(lambda: grab(x), self.work, path, where)
-        found = maps[self.work.layer]
-        values = found.a if self.work.role == schema.ACTIVATION else found.z
-        assert values is not None, "capture checks that the wanted maps exist"
-        values = values.double()
-        totals = values.flatten(2).sum(dim=2) if values.dim() > 2 else values  # (b, C)
-        result: np.ndarray = totals.cpu().numpy()
-        return result
+    def _pass(self, x: torch.Tensor, path: str, where: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """For each copy in ``x``: the totals of L's channels (b, C) and the class probabilities (b, K),
+        float64, each None when not recorded. One capture pass when the scores are a layer's z (or
+        without class maps); else capture's pass to L, then the plain forward pass for the scores."""
+        work, grab = self.work, self.grab
+        maps = _guarded(lambda: grab(x), work, path, where) if grab is not None else {}
+        totals = None
+        if work.layer is not None:
+            found = maps[work.layer]
+            values = found.a if work.role == schema.ACTIVATION else found.z
+            assert values is not None, "capture checks that the wanted maps exist"
+            values = values.double()
+            totals = (values.flatten(2).sum(dim=2) if values.dim() > 2 else values).cpu().numpy()  # (b, C)
+        if not work.classes:
+            return totals, None
+        if work.scores_layer is not None:
+            scores = maps[work.scores_layer].z
+            assert scores is not None, "capture checks that the wanted maps exist"
+        else:
+            scores = _guarded(lambda: self._plain(x), work, path, where)
+        return totals, torch.softmax(scores.double(), dim=1).cpu().numpy()
 
-    def _probabilities(self, x: torch.Tensor, path: str, where: str) -> np.ndarray:
-        """(b, K) float64: softmax of the model's class scores for each copy."""
-
-        def run() -> torch.Tensor:
-            with torch.inference_mode():
-                out: torch.Tensor = self.net(x)
-            return out
-
-        scores = _guarded(run, self.work, path, where)
-        result: np.ndarray = torch.softmax(scores.double(), dim=1).cpu().numpy()
-        return result
+    def _plain(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            out: torch.Tensor = self.net(x)
+        return out
 
 
 def _guarded(run: Callable[[], T], work: _Work, path: str, where: str) -> T:

@@ -61,8 +61,9 @@ class Tail(nn.Module):
 class RegionNet(nn.Module):
     """Layer 'feat' (1x1 conv, then relu) sees only REGION; the rest of the image is multiplied by 0."""
 
-    def __init__(self, counter="", classify=False):
+    def __init__(self, counter="", classify=False, scale=1.0):
         super().__init__()
+        self.scale = scale  # other than 1: the output is not the tail's own (no layer's z is the output)
         mask = torch.zeros(1, 1, {H}, {W})
         mask[..., REGION[0]:REGION[1], REGION[2]:REGION[3]] = 1
         self.register_buffer("mask", mask)
@@ -74,7 +75,8 @@ class RegionNet(nn.Module):
         self.tail = Tail(counter, classify)
 
     def forward(self, x):
-        return self.tail(self.relu(self.feat(x * self.mask)))
+        out = self.tail(self.relu(self.feat(x * self.mask)))
+        return out if self.scale == 1 else out * self.scale
 
 
 class RegionClassifier(nn.Module):
@@ -92,8 +94,8 @@ class RegionClassifier(nn.Module):
         return self.head(red[:, None])  # (N, 3)
 
 
-def region_net(counter="", classify=False):
-    return RegionNet(counter, classify)
+def region_net(counter="", classify=False, scale=1.0):
+    return RegionNet(counter, classify, scale)
 
 
 def region_classifier():
@@ -270,15 +272,41 @@ def test_the_forward_pass_stops_at_the_layer_unless_class_scores_are_needed(
     run(photos, f"{models}:region_net", tmp_path / "b.h5", "--layer", "feat", "--patch", "6", "--stride", "4",
         "--no-class", *arg, "--model-arg", "classify=true")  # fmt: skip
     assert tail_calls(counter) == [1]
-    # a classifier: every copy goes through the whole network, --batch-size copies at a time
+    # a classifier: every copy goes through the whole network, --batch-size copies at a time (after the
+    # layer list, the output check and the check that the tail's z is the output)
     counter.unlink()
     run(photos, f"{models}:region_net", tmp_path / "c.h5", "--layer", "feat", "--patch", "6", "--stride", "4",
         "-b", "7", *arg, "--model-arg", "classify=true")  # fmt: skip
     per_image = [1, *[7] * (grid // 7), grid % 7]  # the unoccluded image, then the copies
-    assert tail_calls(counter) == [1, 1, *per_image, *per_image]
+    assert tail_calls(counter) == [1, 1, 1, *per_image, *per_image]
     with h5py.File(tmp_path / "c.h5", "r") as f, h5py.File(tmp_path / "b.h5", "r") as g:
         assert f.attrs["n_classes"] == 2 and "n_classes" not in g.attrs
         assert np.array_equal(f["occlusion/activity"][...], g["occlusion/activity"][...])
+
+
+@pytest.mark.parametrize(("scale", "passes"), [(1.0, "one pass per batch"), (2.0, "two passes per batch")])
+def test_class_maps_with_a_layer_in_one_pass_or_two(
+    scale: float, passes: str, models: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    """The scores are the tail's z (one capture pass), or computed after it (capture, then a plain pass)."""
+    out = tmp_path / "both.h5"
+    result = run(photos[:1], f"{models}:region_net", out, "--layer", "feat", "--patch", "6", "--stride", "4",
+                 "--model-arg", "classify=true", "--model-arg", f"scale={scale}")  # fmt: skip
+    assert f"; {passes} " in result.stderr, result.stderr
+    with h5py.File(out, "r") as f:
+        group = f["occlusion"]
+        x0, y, x = f["input"][0], group["y"][...], group["x"][...]
+        grey = normalised((0.5, 0.5, 0.5))
+
+        def probabilities(image: np.ndarray) -> np.ndarray:
+            return softmax(scale * region_totals(image) / (H * W))  # the tail: the mean of feat's a
+
+        assert group["top_class"][0] == group["class"][0] == int(np.argmax(probabilities(x0)))
+        p = np.array([[probabilities(occluded_copy(x0, t, left, (6, 6), grey)) for left in x] for t in y])
+        assert np.allclose(group["probability"][0], p[..., int(group["class"][0])], rtol=1e-5, atol=1e-7)
+        assert np.array_equal(group["label"][0], p.argmax(axis=-1))
+        want = [[region_totals(occluded_copy(x0, t, left, (6, 6), grey))[0] for left in x] for t in y]
+        assert np.allclose(group["activity"][0, 0], want, rtol=1e-6)
 
 
 def test_layer_without_a_nonlinearity_sums_z(models: Path, photos: list[Path], tmp_path: Path) -> None:
