@@ -16,7 +16,7 @@ The field counts padding too: near the border part of it lies outside the image.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -64,11 +64,33 @@ class Geometry:
             ),
         )
 
-    def join(self, *others: Geometry) -> Geometry:
-        """An elementwise op on maps of the same size (a residual add): each unit sees what any
-        operand's unit saw, so the widest field; the layout is this (first) operand's."""
-        fields = [self.field, *(other.field for other in others)]
-        return Geometry((max(f[0] for f in fields), max(f[1] for f in fields)), self.stride, self.start)
+    @staticmethod
+    def union(parts: Sequence[tuple[Geometry, Pair]], size: Pair) -> Geometry:
+        """A map of ``size`` (H, W) units whose unit (i, j) combines unit (i, j) of every part (an
+        elementwise op, a concatenation of channels): it sees what any of them sees.
+
+        ``parts`` are (geometry, extent (H, W)) of each operand. An operand of extent 1 along an
+        axis is broadcast there: its one unit serves every unit, like the (N, C, 1, 1) scale of a
+        squeeze-and-excitation block (so is an operand of stride 0). Units keep the stride of the
+        first operand that moves along the axis. The field is the smallest one, centred on each
+        unit, that holds every operand's field for every unit: operands with different fields or
+        starts give their exact union, and a broadcast whole-image operand gives a field about
+        twice the image, so that every unit's box holds the whole image.
+        """
+        axes = []
+        for axis in (0, 1):
+            n = size[axis]
+            moving = [g.stride[axis] for g, extent in parts if extent[axis] > 1 and g.stride[axis]]
+            step = parts[0][0].stride[axis] if n == 1 else (moving or [0])[0]
+            lo, hi = math.inf, -math.inf
+            for geo, extent in parts:
+                own = geo.stride[axis] if extent[axis] > 1 else 0
+                for i in {0, n - 1}:  # box edges are linear in i: the extremes are at the ends
+                    centre = geo.start[axis] + i * (own - step)  # relative to unit i's own centre
+                    lo = min(lo, centre - (geo.field[axis] - 1) / 2)
+                    hi = max(hi, centre + (geo.field[axis] - 1) / 2)
+            axes.append((round(hi - lo) + 1, step, (lo + hi) / 2))
+        return Geometry((axes[0][0], axes[1][0]), (axes[0][1], axes[1][1]), (axes[0][2], axes[1][2]))
 
     def centre(self, row: int, col: int) -> tuple[float, float]:
         """Input-pixel coordinates (row, col) of the centre of unit (row, col)'s field."""

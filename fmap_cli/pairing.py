@@ -16,7 +16,8 @@ Pairing rule (also in the README and in every file's ``pairing_rule`` and ``path
 
 Captured tensors are held by reference and copied just before an in-place op (``ReLU(inplace=True)``,
 ``+=``, ``out=``) would write into their memory, so what is stored is what the layer computed.
-The recorder also follows each tensor's receptive field and where each layer's input came from.
+The recorder also follows each tensor's receptive field through every op (``fields.py``) and where
+each layer's input came from (the newest layer upstream, through plain ops such as reshapes).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .geometry import Geometry
+from . import fields
 
 # Nonlinearities by op name (in-place variants end in "_", aten names end in ".default").
 NONLINEAR_OPS = {
@@ -100,6 +101,7 @@ class LayerInfo:
     receptive_field: tuple[int, int] = (-1, -1)  # input pixels; -1: unknown
     stride: tuple[int, int] = (-1, -1)
     start: tuple[float, float] = (float("nan"), float("nan"))
+    field_note: str = ""  # why the receptive field is unknown (-1), in words
     input_tags: list[tuple[str, str]] = field(default_factory=list)  # (layer, role) of the input tensor
 
     @property
@@ -166,44 +168,6 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
-def _pair(value: Any, default: int) -> tuple[int, int]:
-    if value is None or (isinstance(value, list | tuple) and len(value) == 0):
-        return (default, default)
-    if isinstance(value, int):
-        return (value, value)
-    values = [int(v) for v in value]
-    return (values[-2], values[-1]) if len(values) >= 2 else (values[0], values[0])
-
-
-def _arg(args: Sequence[Any], kwargs: dict[str, Any], index: int, key: str, default: Any = None) -> Any:
-    if key in kwargs:
-        return kwargs[key]
-    return args[index] if len(args) > index else default
-
-
-def _window_geometry(name: str, args: Sequence[Any], kwargs: dict[str, Any], geo: Geometry) -> Geometry | None:
-    """Receptive field after a convolution or pooling window; None if the op is not one."""
-    if name in ("conv2d", "convolution") and len(args) > 1 and isinstance(args[1], torch.Tensor):
-        if name == "convolution" and _arg(args, kwargs, 6, "transposed", False):
-            return None
-        kernel = _pair(tuple(args[1].shape[2:]), 1)
-        stride, dilation = _pair(_arg(args, kwargs, 3, "stride"), 1), _pair(_arg(args, kwargs, 5, "dilation"), 1)
-        padding_arg = _arg(args, kwargs, 4, "padding", 0)
-        if padding_arg == "same":
-            padding = (dilation[0] * (kernel[0] - 1) // 2, dilation[1] * (kernel[1] - 1) // 2)
-        else:
-            padding = (0, 0) if padding_arg == "valid" else _pair(padding_arg, 0)
-    elif name in ("max_pool2d", "avg_pool2d", "max_pool2d_with_indices"):
-        kernel = _pair(_arg(args, kwargs, 1, "kernel_size"), 1)
-        stride = _pair(_arg(args, kwargs, 2, "stride"), 0)
-        stride = kernel if stride == (0, 0) else stride
-        padding = _pair(_arg(args, kwargs, 3, "padding"), 0)
-        dilation = _pair(_arg(args, kwargs, 4, "dilation"), 1) if name != "avg_pool2d" else (1, 1)
-    else:
-        return None
-    return geo.after_window(kernel, stride, padding, dilation)
-
-
 class Recorder:
     """Receives the events of one forward pass and turns them into layers and captured maps.
 
@@ -224,8 +188,10 @@ class Recorder:
         self._calls: dict[str, int] = {}
         self._lineage = _TensorMap()  # tensor -> {origin layer: labels between its z and this tensor}
         self._resolved: set[str] = set()
-        self._geo = _TensorMap()  # tensor -> receptive-field geometry
-        self._tags = _TensorMap()  # tensor -> [(layer, role)] for the provenance of inputs
+        self._fields = _TensorMap()  # tensor -> its Field; None or absent: independent of the input
+        self._tags = _TensorMap()  # tensor -> [(layer, role)]: the layers whose output it is
+        self._upstream = _TensorMap()  # op output -> the tags of the tagged tensor it comes from
+        self._position: dict[str, int] = {}  # layer -> its place in forward order
         self._inside_leaf = 0  # > 0 inside a leaf module, whose own ops are not layers
         self._busy = False  # True while the recorder itself works inside a module hook
         self._boxes: list[_Box] = []  # every tensor held for a wanted map
@@ -241,7 +207,7 @@ class Recorder:
 
     def start(self, x: torch.Tensor) -> None:
         """The model's input tensor."""
-        self._geo.set(x, Geometry())
+        self._fields.set(x, fields.IMAGE)
         self._tags.set(x, [("input", "input")])
 
     # ----------------------------------------------------------------------------- events
@@ -305,7 +271,6 @@ class Recorder:
         writes = inplace or kwargs.get("inplace") is True or "out" in kwargs or name == "setitem"
         target = kwargs.get("out", args[0] if args else None) if writes else None
         x = first_tensor(args)
-        geo_in = self._geo.get(x) if x is not None else None
         lineage = self._lineage.get(x, {}) if x is not None else {}
         container_op = not self._inside_leaf and x is not None
         operands = [(a, self._lineage.get(a, {})) for a in args if isinstance(a, torch.Tensor) and a.dim() > 0]
@@ -321,7 +286,7 @@ class Recorder:
         self._protect(target)  # after holding this op's own input, before it is overwritten
         result = run()
         out = first_tensor(result)
-        self._op_geometry(name, args, kwargs, x, geo_in, out)
+        self._follow(name, args, kwargs, result)
         if container_op and out is not None and x is not None:
             if layer is None:
                 if name in PASS_OPS:
@@ -372,10 +337,11 @@ class Recorder:
 
     def _join(self, name: str, operands: list[tuple[torch.Tensor, dict[str, list[str]]]], out: torch.Tensor) -> None:
         """An elementwise op: z followed through any operand of the output's shape, e.g. both sides
-        of a residual add; ``add(+X)`` names the other operand X that joins there."""
+        of a residual add; ``add(+X)`` names the other map X that joins there."""
         merged: dict[str, list[str]] = {}
         for i, (operand, lineage) in enumerate(operands):
-            others = [o for j, (o, _) in enumerate(operands) if j != i]
+            # only a map joins (a residual); parameters and constants (batch norm's) do not
+            others = [o for j, (o, _) in enumerate(operands) if j != i and self._fields.get(o) is not None]
             label = f"{name}(+{self._describe(others[0])})" if others else name
             if operand.shape == out.shape:
                 merged.update(self._extended(lineage, label))
@@ -442,36 +408,45 @@ class Recorder:
     def _new_layer(
         self, name: str, kind: str, type_: str, module: str, hyper: dict[str, Any], x: torch.Tensor | None
     ) -> LayerInfo:
-        tags = list(self._tags.get(x, [])) if x is not None else []
+        tags = list(self._tags.get(x) or self._upstream.get(x, [])) if x is not None else []
         info = LayerInfo(name, kind, type_, module, hyper, input_tags=tags)
         self.layers[name] = info
+        self._position[name] = len(self._position)
         return info
 
     def _tag(self, t: torch.Tensor, name: str, role: str) -> None:
         self._tags.set(t, [*self._tags.get(t, []), (name, role)])
 
     def _describe(self, t: torch.Tensor) -> str:
-        tags = self._tags.get(t, [])
+        tags = self._tags.get(t) or self._upstream.get(t, [])
         return tags[-1][0] if tags else "tensor"
 
     def _set_geometry(self, info: LayerInfo, t: torch.Tensor) -> None:
-        geo = Geometry.whole(self.image_size) if t.dim() != 4 else self._geo.get(t)  # flat: the whole image
-        if geo is not None:
-            info.receptive_field, info.stride, info.start = geo.field, geo.stride, geo.start
+        field = self._fields.get(t)
+        if field is None or field.geometry is None:
+            info.receptive_field, info.stride, info.start = (-1, -1), (-1, -1), (float("nan"), float("nan"))
+            info.field_note = field.reason if field is not None else fields.CONSTANT
+        else:
+            geo = field.geometry
+            info.receptive_field, info.stride, info.start, info.field_note = geo.field, geo.stride, geo.start, ""
 
-    def _op_geometry(
-        self, name: str, args: Sequence[Any], kwargs: dict[str, Any], x: Any, geo_in: Geometry | None, out: Any
-    ) -> None:
-        if out is None or out.dim() != 4 or geo_in is None or x is None or x.dim() != 4:
+    def _follow(self, name: str, args: Sequence[Any], kwargs: dict[str, Any], result: Any) -> None:
+        """Receptive fields and provenance of an op's outputs (``fields.py``)."""
+        found = fields.after_op(name, args, kwargs, result, self._fields.get, self.image_size)
+        if not found:
             return
-        new = _window_geometry(name, args, kwargs, geo_in)
-        if name.startswith("adaptive_") and tuple(out.shape[-2:]) == (1, 1):  # global pooling: the whole image
-            new = Geometry.whole(self.image_size, stride=self.image_size)
-        elif new is None and out.shape[-2:] == x.shape[-2:]:  # elementwise: the widest input's field
-            others = (self._geo.get(a) for a in args[1:] if isinstance(a, torch.Tensor))
-            new = geo_in.join(*(g for g in others if g is not None))
-        if new is not None:
-            self._geo.set(out, new)
+        for t, tracked in found:
+            self._fields.set(t, tracked)
+        sources = [a for a in fields.tensors(args) if self._tags.get(a) or self._upstream.get(a)]
+        for t, _ in found:  # where a layer reading this output got its input: the newest layer upstream
+            if sources and not self._tags.get(t):
+                same = [a for a in sources if a.shape == t.shape] or sources  # x + f(x): f(x), not the skip
+                source = max(same, key=self._newest)
+                self._upstream.set(t, self._tags.get(source) or self._upstream.get(source))
+
+    def _newest(self, t: torch.Tensor) -> int:
+        """How recent the newest layer whose output ``t`` is (or comes from) is: its position in forward order."""
+        return max(self._position.get(name, -1) for name, _ in self._tags.get(t) or self._upstream.get(t))
 
     def _tick(self) -> None:
         self.events += 1

@@ -62,11 +62,14 @@ def test_recurrence_matches_the_positions_each_unit_depends_on(seed: int) -> Non
     )
 
 
-def test_join_whole_and_identity() -> None:
+def test_union_whole_and_identity() -> None:
     a = Geometry((5, 3), (2, 2), (1.0, 0.5))
-    b = Geometry((3, 9), (4, 4), (7.0, 7.0))
-    assert a.join(b) == Geometry((5, 9), (2, 2), (1.0, 0.5))  # widest field, first operand's layout
-    assert a.join() == a
+    b = Geometry((3, 9), (2, 2), (4.0, 0.5))
+    assert Geometry.union([(a, (4, 4)), (b, (4, 4))], (4, 4)) == Geometry((7, 9), (2, 2), (2.0, 0.5))  # exact union
+    assert Geometry.union([(b, (4, 4)), (a, (4, 4))], (4, 4)) == Geometry((7, 9), (2, 2), (2.0, 0.5))  # any order
+    assert Geometry.union([(a, (4, 4))], (4, 4)) == a
+    scale = Geometry.whole((8, 8), stride=(8, 8))  # a (1, 1) map broadcast over a (4, 4) one
+    assert Geometry.union([(scale, (1, 1)), (a, (4, 4))], (4, 4)) == Geometry((14, 14), (2, 2), (0.5, 0.5))
     assert Geometry.whole((20, 24)) == Geometry((20, 24), (0, 0), (9.5, 11.5))
     assert Geometry.whole((20, 24), stride=(20, 24)).stride == (20, 24)
     assert Geometry() == Geometry((1, 1), (1, 1), (0.0, 0.0))

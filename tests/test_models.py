@@ -718,7 +718,7 @@ def test_safe_pt2_loads_and_computes_what_the_eager_model_does(tiny_pt2: Path) -
     assert result.exit_code == 0, result.output
     assert result.output == (
         "layer  type    output   rf   stride  f     z -> a\n"
-        "conv   Conv2d  4x16x16  3x3  1x1     relu  add(+tensor) -> :relu\n"
+        "conv   Conv2d  4x16x16  3x3  1x1     relu  add -> :relu\n"
         ":relu  relu    4x16x16  3x3  1x1     relu  :relu\n"
     )
 
