@@ -20,14 +20,14 @@ test: install
 	$(BIN)/python -m pytest
 
 # Optional: one model of every torchvision family and a few timm models through `fmap layers` and
-# `fmap extract --verify`, checked against an independent recomputation (tests/test_zoo.py; `make test`
-# skips it). Needs a venv where torchvision and timm import beside the CPU torch, made by ZOO_SETUP.
+# `fmap extract --verify`, checked against an independent recomputation (tests/test_zoo.py), and receptive
+# fields against published values and a NaN probe (tests/test_zoo_fields.py); `make test` skips them. Needs a venv where torchvision and timm import beside the CPU torch, made by ZOO_SETUP.
 ZOO_VENV := .venv-zoo
 ZOO_SETUP ?= ../shared/tools/zoo-venv.sh
 
 test-zoo:
 	@[ -x $(ZOO_VENV)/bin/python ] || $(ZOO_SETUP) $(ZOO_VENV)
-	$(ZOO_VENV)/bin/python -m pytest tests/test_zoo.py -v -s -p no:cacheprovider --durations=0
+	$(ZOO_VENV)/bin/python -m pytest tests/test_zoo.py tests/test_zoo_fields.py -v -s -p no:cacheprovider --durations=0
 
 demo: install
 	$(BIN)/fmap extract $(DEMO_IMAGE) --layers conv1,conv2 -o demo.h5 --overwrite
