@@ -21,7 +21,8 @@ test: install
 
 # Optional: one model of every torchvision family and a few timm models through `fmap layers` and
 # `fmap extract --verify`, checked against an independent recomputation (tests/test_zoo.py), and receptive
-# fields against published values and a NaN probe (tests/test_zoo_fields.py); `make test` skips them. Needs a venv where torchvision and timm import beside the CPU torch, made by ZOO_SETUP.
+# fields against published values and a NaN probe (tests/test_zoo_fields.py); `make test` skips them.
+# Needs a venv where torchvision and timm import beside the CPU torch, made by ZOO_SETUP.
 ZOO_VENV := .venv-zoo
 ZOO_SETUP ?= ../shared/tools/zoo-venv.sh
 
