@@ -23,6 +23,7 @@ from .render import image_index
 from .store import schema
 from .store.occlusion import OcclusionImage, read_image
 from .store.reader import printable
+from .summary import json_safe
 
 ROW_LIMIT = 16  # --image all draws at most this many images, one row each
 CHANNEL_PANELS = 3  # per image: the stored channels with the largest drops, at most this many
@@ -110,18 +111,8 @@ class OcclusionSummary:
         """JSON-able data (non-finite numbers become None)."""
         data = asdict(self)
         del data["missing_sources"]
-        finite: dict[str, Any] = _finite(data)
+        finite: dict[str, Any] = json_safe(data)
         return finite
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _text(value: Any) -> str | None:

@@ -20,6 +20,7 @@ from .geometry import Geometry
 from .receptive import OVERLAY_MIN, PATCH_SIZE, crop, preprocessing_of, source_name, to_picture
 from .store.projection import Projections, read_projections
 from .store.reader import printable
+from .summary import json_safe
 
 GAP = 6  # between cells
 BOX = (255, 64, 64)  # the unit's receptive field, drawn on whole pictures (--full)
@@ -73,17 +74,7 @@ class ProjectionSummary:
         """JSON-able data (non-finite numbers become None)."""
         data = asdict(self)
         del data["missing_sources"]
-        return {key: _finite(value) for key, value in data.items()}
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value
+        return {key: json_safe(value) for key, value in data.items()}
 
 
 def _text(value: Any) -> str:

@@ -141,17 +141,18 @@ class FileSummary:
             out["compression_ratio"] = round(layer.compression_ratio, 4)
             if layer.top is not None:  # JSON keys are strings: a list keeps channels as numbers
                 out["top"] = [{"channel": c, "images": images} for c, images in out["top"].items()]
-        finite: dict[str, Any] = _finite(data)
+        finite: dict[str, Any] = json_safe(data)
         return finite
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities (anywhere in lists and dicts) as None, for JSON."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

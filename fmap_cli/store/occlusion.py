@@ -14,22 +14,19 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import h5py
 import numpy as np
 
 from .. import __version__
-from ..errors import FmapError, FmapFileError
+from ..errors import FmapFileError
 from . import schema
 from .atomic import AtomicOutput
 from .layout import STR, Storage, create_dataset, create_group, growing, safe_text, set_attrs
 from .reader import DAMAGED, printable
 from .rows import Batch, RowWriter
-
-# The same disk-full guard as maps files (see writer.py): private to the store package.
-from .writer import _reason, _WriteFailed, _WriteGuard
+from .writer import FileWriter, _WriteGuard
 
 GROUP = schema.OCCLUSION
 ACTIVITY, CHANNEL, BASELINE = "activity", "channel", "baseline"
@@ -135,7 +132,7 @@ def _attach_grid(ds: h5py.Dataset, group: h5py.Group, first: int) -> None:
         ds.dims[axis].label = name
 
 
-class OcclusionWriter:
+class OcclusionWriter(FileWriter):
     """Writes an occlusion file image by image; publishes it when the ``with`` block succeeds.
 
     >>> with OcclusionWriter.create(out, layout, attrs) as writer:
@@ -143,10 +140,8 @@ class OcclusionWriter:
     """
 
     def __init__(self, rows: RowWriter, guard: _WriteGuard, output: AtomicOutput, layout: OcclusionLayout) -> None:
-        self.rows = rows
+        super().__init__(rows, guard, output)
         self.layout = layout
-        self._guard = guard
-        self._output = output
 
     @classmethod
     def create(
@@ -160,29 +155,8 @@ class OcclusionWriter:
         Raises:
             FmapError: the temporary file cannot be written.
         """
-        output = AtomicOutput(out, overwrite).__enter__()
-        guard: _WriteGuard | None = None
-        try:
-            f = h5py.File(output.path, "w", locking=False)  # the AtomicOutput lock guards it
-            guard = _WriteGuard(f)
-            rows = RowWriter(f, [], Storage(), keep=_create(f, layout, attrs))
-            f.flush()  # a full disk fails here, before any work
-            guard.check()
-        except BaseException as exc:  # KeyboardInterrupt included: never leave a temporary file
-            if guard is not None:
-                guard.close(discard=True)
-            output.__exit__(type(exc), exc, exc.__traceback__)
-            if isinstance(exc, OSError | RuntimeError | _WriteFailed):
-                raise FmapError(f"cannot write {out}: {_reason(exc)}") from None
-            raise
-        return cls(rows, guard, output, layout)
-
-    def __enter__(self) -> OcclusionWriter:
-        return self
-
-    @property
-    def n_images(self) -> int:
-        return self.rows.n_images
+        build = lambda f: RowWriter(f, [], Storage(), keep=_create(f, layout, attrs))  # noqa: E731
+        return cls(*cls._open(out, overwrite, build), layout)
 
     def append(self, row: OcclusionRow) -> None:
         """Write one image's results and records, then flush.
@@ -190,12 +164,7 @@ class OcclusionWriter:
         Raises:
             FmapError: the disk is full, or another write error.
         """
-        try:
-            self._write(row)
-            self._guard.check()
-        except (OSError, RuntimeError, _WriteFailed) as exc:
-            self._guard.discard()
-            raise FmapError(f"cannot write {self._output.out}: {_reason(exc)}") from None
+        self._guarded(lambda: self._write(row))
 
     def _write(self, row: OcclusionRow) -> None:
         group = self.rows.f[GROUP]
@@ -214,51 +183,6 @@ class OcclusionWriter:
         pixels = None if row.pixels is None else row.pixels[None]  # (1, 3, H, W)
         size = np.asarray([row.original_size], dtype=np.int64)
         self.rows.append(Batch([row.path], size, [row.sha256], [row.index], {}, pixels))
-
-    def add_failures(self, failures: Sequence[tuple[int, str, str]]) -> None:
-        """Record images skipped with --skip-bad: (position in the input list, path, reason)."""
-        try:
-            self.rows.add_failures(failures)
-            self._guard.check()
-        except (OSError, RuntimeError, _WriteFailed) as exc:
-            self._guard.discard()
-            raise FmapError(f"cannot write {self._output.out}: {_reason(exc)}") from None
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is None:
-            self._finish()
-            return
-        self._abandon(exc_type, exc, tb)
-
-    def _finish(self) -> None:
-        if self.n_images == 0:
-            error = FmapError(f"{self._output.out}: no images were written")
-            self._abandon(FmapError, error, None)
-            raise error
-        f = self.rows.f
-        try:
-            self.rows.close()
-            self.rows.sort_failures()
-            set_attrs(f, complete=1)
-            f.flush()
-            self._guard.check()
-            f.close()
-            self._output.publish()
-        except BaseException as exc:
-            self._abandon(type(exc), exc, exc.__traceback__)
-            if isinstance(exc, OSError | RuntimeError | _WriteFailed):
-                raise FmapError(f"cannot finish {self._output.out}: {_reason(exc)}") from None
-            raise
-        self._guard.restore()
-
-    def _abandon(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.rows.close()
-        self._guard.close(discard=True)  # the file is removed: nothing more is written to it
-        self._output.__exit__(exc_type, exc, tb)
 
 
 # ---------------------------------------------------------------------------- reading

@@ -14,11 +14,11 @@ import queue
 import re
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import h5py
 
@@ -39,53 +39,38 @@ class Seed:
     finished: bool
 
 
-class MapWriter:
-    """Writes maps batch by batch into a new file and publishes it when the ``with`` block succeeds.
+class FileWriter:
+    """What every fmap file writer shares: a RowWriter on a new file under a locked temporary name,
+    the disk-full guard, and publishing when the ``with`` block succeeds (removing it otherwise).
 
-    An --append is a new file too, seeded with OUT's images (copied as stored chunks) and published
-    over OUT: OUT stays intact until the appended file is complete, whatever happens meanwhile.
-
-    >>> with MapWriter.create(out, layers, attrs, Storage()) as writer:
-    ...     writer.append(batch)
+    Subclasses make the layout (:meth:`_open` with a builder) and add their own ``append``.
     """
 
-    def __init__(
-        self, rows: RowWriter, guard: _WriteGuard, output: AtomicOutput, seed: Seed | None, hold: int | None
-    ) -> None:
+    resumable = False  # an interrupted run keeps its temporary file for --resume
+
+    def __init__(self, rows: RowWriter, guard: _WriteGuard, output: AtomicOutput, hold: int | None = None) -> None:
         self.rows = rows
         self._guard = guard
         self._output = output
-        self._seed = seed
-        self._hold = hold  # a descriptor holding OUT's lock while appending
-        self.already = rows.n_images  # images there before this run: seeded
+        self._hold = hold  # a descriptor holding a lock released when done (OUT's while appending)
 
-    @classmethod
-    def create(
-        cls,
-        out: Path,
-        layers: Sequence[LayerRecord],
-        attrs: Mapping[str, Any],
-        storage: Storage,
-        input_shape: tuple[int, int, int] | None = None,
-        overwrite: bool = False,
-        seed: Seed | None = None,
-    ) -> MapWriter:
-        """A new file under a temporary name beside ``out``, starting with ``seed``'s images if given.
+    @staticmethod
+    def _open(
+        out: Path, overwrite: bool, build: Callable[[h5py.File], RowWriter], hold: int | None = None
+    ) -> tuple[RowWriter, _WriteGuard, AtomicOutput]:
+        """A new file beside ``out`` whose layout ``build`` creates, flushed once: a full disk fails
+        here, before any work.
 
         Raises:
-            FmapError: the temporary file cannot be written, or (appending) another run holds ``out``.
+            FmapError: the temporary file cannot be written.
         """
-        hold = lock(out) if seed is not None and seed.finished else None  # one append at a time
         output = AtomicOutput(out, overwrite).__enter__()
         guard: _WriteGuard | None = None
         try:
             f = h5py.File(output.path, "w", locking=False)  # the AtomicOutput lock guards it
             guard = _WriteGuard(f)
-            rows = RowWriter(f, layers, storage, keep=create_layout(f, layers, attrs, input_shape, storage))
-            f.flush()  # a full disk fails here, before any work
-            if seed is not None:
-                with h5py.File(seed.path, "r", locking=False) as old:  # locked by us, or a killed run's
-                    rows.seed_from(old, stored_stats(old, layers) if seed.finished else None)
+            rows = build(f)
+            f.flush()
             guard.check()
         except BaseException as exc:  # KeyboardInterrupt included: never leave a new temporary file
             if guard is not None:
@@ -96,9 +81,9 @@ class MapWriter:
             if isinstance(exc, OSError | RuntimeError | _WriteFailed):
                 raise FmapError(f"cannot write {out}: {_reason(exc)}") from None
             raise
-        return cls(rows, guard, output, seed, hold)
+        return rows, guard, output
 
-    def __enter__(self) -> MapWriter:
+    def __enter__(self) -> Self:
         return self
 
     @property
@@ -111,47 +96,27 @@ class MapWriter:
         return self.rows.n_images
 
     @property
-    def layers(self) -> list[LayerRecord]:
-        return self.rows.layers
-
-    @property
     def path(self) -> Path:
         """The temporary file being written."""
         return self._output.path
-
-    @property
-    def appending(self) -> bool:
-        """Seeded with OUT's own images (--append)."""
-        return self._seed is not None and self._seed.finished
 
     def file(self) -> h5py.File:
         """The open file (for checks that run before it becomes final, e.g. --verify)."""
         return self.rows.f
 
-    def append(self, batch: Batch) -> None:
-        """Append one batch (see :meth:`RowWriter.append`).
-
-        Raises:
-            FmapError: the disk is full, a file size limit was reached, or another write error.
-        """
+    def _guarded(self, write: Callable[[], None]) -> None:
+        """Run ``write``; a failed write (disk full, file size limit) is one FmapError, and nothing
+        more goes to the file (see :class:`_WriteGuard`)."""
         try:
-            self.rows.append(batch)
+            write()
             self._guard.check()
         except (OSError, RuntimeError, _WriteFailed) as exc:  # h5py raises RuntimeError when a flush fails
-            raise self._write_failed(exc) from None
+            self._guard.discard()
+            raise FmapError(f"cannot write {self.out}: {_reason(exc)}") from None
 
     def add_failures(self, failures: Sequence[Failure]) -> None:
         """Record images skipped with --skip-bad: (position in the input list, path, reason)."""
-        try:
-            self.rows.add_failures(failures)
-            self._guard.check()
-        except (OSError, RuntimeError, _WriteFailed) as exc:
-            raise self._write_failed(exc) from None
-
-    def _write_failed(self, exc: BaseException) -> FmapError:
-        """The file cannot be written any more: nothing more goes to it (see :class:`_WriteGuard`)."""
-        self._guard.discard()
-        return FmapError(f"cannot write {self.out}: {_reason(exc)}")
+        self._guarded(lambda: self.rows.add_failures(failures))
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -160,7 +125,7 @@ class MapWriter:
             self.finish()
             return
         interrupted = isinstance(exc, StoppedError | KeyboardInterrupt)
-        if interrupted and self.n_images and not self.appending and self._guard.failure is None:
+        if self.resumable and interrupted and self.n_images and self._guard.failure is None:
             self._output.keep()  # an interrupted run keeps its flushed batches for --resume
         self._abandon(exc_type, exc, tb)
 
@@ -203,6 +168,70 @@ class MapWriter:
         if self._hold is not None:
             os.close(self._hold)
             self._hold = None
+
+
+class MapWriter(FileWriter):
+    """Writes maps batch by batch into a new file and publishes it when the ``with`` block succeeds.
+
+    An --append is a new file too, seeded with OUT's images (copied as stored chunks) and published
+    over OUT: OUT stays intact until the appended file is complete, whatever happens meanwhile.
+
+    >>> with MapWriter.create(out, layers, attrs, Storage()) as writer:
+    ...     writer.append(batch)
+    """
+
+    def __init__(
+        self, rows: RowWriter, guard: _WriteGuard, output: AtomicOutput, seed: Seed | None, hold: int | None
+    ) -> None:
+        super().__init__(rows, guard, output, hold)
+        self._seed = seed
+        self.already = rows.n_images  # images there before this run: seeded
+        self.resumable = not self.appending  # an --append that stops leaves OUT as it was, and nothing else
+
+    @classmethod
+    def create(
+        cls,
+        out: Path,
+        layers: Sequence[LayerRecord],
+        attrs: Mapping[str, Any],
+        storage: Storage,
+        input_shape: tuple[int, int, int] | None = None,
+        overwrite: bool = False,
+        seed: Seed | None = None,
+    ) -> MapWriter:
+        """A new file under a temporary name beside ``out``, starting with ``seed``'s images if given.
+
+        Raises:
+            FmapError: the temporary file cannot be written, or (appending) another run holds ``out``.
+        """
+        hold = lock(out) if seed is not None and seed.finished else None  # one append at a time
+
+        def build(f: h5py.File) -> RowWriter:
+            rows = RowWriter(f, layers, storage, keep=create_layout(f, layers, attrs, input_shape, storage))
+            if seed is not None:
+                f.flush()  # a full disk fails before the copy
+                with h5py.File(seed.path, "r", locking=False) as old:  # locked by us, or a killed run's
+                    rows.seed_from(old, stored_stats(old, layers) if seed.finished else None)
+            return rows
+
+        return cls(*cls._open(out, overwrite, build, hold), seed, hold)
+
+    @property
+    def layers(self) -> list[LayerRecord]:
+        return self.rows.layers
+
+    @property
+    def appending(self) -> bool:
+        """Seeded with OUT's own images (--append)."""
+        return self._seed is not None and self._seed.finished
+
+    def append(self, batch: Batch) -> None:
+        """Append one batch (see :meth:`RowWriter.append`).
+
+        Raises:
+            FmapError: the disk is full, a file size limit was reached, or another write error.
+        """
+        self._guarded(lambda: self.rows.append(batch))
 
 
 class _WriteFailed(Exception):  # noqa: N818 - carries HDF5's own error
