@@ -74,14 +74,14 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="fmap-bench-occlude-"))
 
-    def fmap(name: str, layer: str | None, classes: bool) -> Callable[[], object]:
+    def fmap(name: str, layer: str | None, classes: bool, patch: int = args.patch) -> Callable[[], object]:
         options = OccludeOptions(
             Inputs([IMAGE], batch_size=args.batch),
             work / f"{name}.h5",
             ModelChoice(MODEL, device="cpu", size=(args.size, args.size)),
             layer=layer,
             classes=classes,
-            occluder=Occluder((args.patch, args.patch), (args.stride, args.stride)),
+            occluder=Occluder((patch, patch), (min(args.stride, patch),) * 2),
             overwrite=True,
         )
         return lambda: occlude(options)
@@ -91,6 +91,8 @@ def main() -> None:
     for layer in ("layer1.0.conv1", "layer4.1.conv2"):
         runners[f"fmap occlude --layer {layer} --no-class"] = fmap(layer, layer, False)
         runners[f"fmap occlude --layer {layer} + class maps"] = fmap(f"{layer}+classes", layer, True)
+    fixed = "fmap occlude: class maps, one position"  # the cost of a run besides the positions
+    runners[fixed] = fmap("fixed", None, True, patch=args.size)
     for fn in runners.values():  # warm-up: allocator, oneDNN kernel selection
         fn()
     times: dict[str, list[float]] = {label: [] for label in runners}
@@ -106,8 +108,13 @@ def main() -> None:
     print(f"  {'variant':<50} {'positions/s':>12} {'time / bare':>12}")
     base = times["bare forward (whole network)"]
     for label, samples in times.items():
+        if label == fixed:
+            continue
         ratio = statistics.median(t / b for t, b in zip(samples, base, strict=True))
         print(f"  {label:<50} {count / statistics.median(samples):>12.1f} {ratio:>12.2f}")
+    print(f"  a run's fixed cost (model loading, the check passes, decoding, the file; one position): "
+          f"{statistics.median(times[fixed]):.2f} s, bare forward of all {count} positions "
+          f"{statistics.median(base):.2f} s")  # fmt: skip
     for layer in ("layer1.0.conv1", "layer4.1.conv2"):
         stop, whole = (
             times[f"fmap occlude --layer {layer} --no-class"],
