@@ -214,7 +214,7 @@ def bench_merge(images: int = 160, shards: int = 4, reps: int = 3) -> None:
     import numpy as np
     from PIL import Image
 
-    from fmap_cli.extract import ExtractOptions, extract
+    from fmap_cli.extract import ExtractOptions, Inputs, ModelChoice, extract
     from fmap_cli.inputs import Shard
     from fmap_cli.store.merge import merge_shards
 
@@ -253,7 +253,7 @@ def bench_merge(images: int = 160, shards: int = 4, reps: int = 3) -> None:
             paths.append(str(root / f"{i:04d}.jpg"))
         parts = [root / f"shard_{k}.h5" for k in range(shards)]
         for k, part in enumerate(parts):
-            extract(ExtractOptions(images=paths, out=part, shard=Shard(k, shards), device="cpu"))
+            extract(ExtractOptions(Inputs(paths, shard=Shard(k, shards)), part, ModelChoice(device="cpu")))
         raw = stored = 0
         for part in parts:
             with h5py.File(part, "r") as f:

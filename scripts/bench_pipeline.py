@@ -1,22 +1,30 @@
 """Pipeline benchmark (`make bench`): `fmap extract` against its own stages, measured in one run.
 
 For generated JPEGs it times each stage alone -- decoding + preprocessing, the bare forward pass,
-a raw h5py write of the same bytes with the same chunks and codecs -- and then the whole
-`fmap extract`, and reports fmap / slowest stage (1.0 = perfect overlap). It also measures the peak
-RSS of `fmap extract` on few and on many images, in fresh processes: streaming means the two match.
+fmap's write stage (its chunk writer at default storage: a gzip:1 with ISA-L, z raw) -- then a raw
+uncompressed h5py write of the same bytes and the whole `fmap extract` (with ISA-L, and with its
+zlib fallback), and reports fmap / raw write and fmap / slowest stage (1.0 = perfect overlap), as
+medians of paired repetitions. For the
+ResNet-18 shape it also times the write stage alone per codec, zlib and ISA-L side by side (MB/s of
+map bytes, stored ratio, time / uncompressed), which is what the storage defaults rest on. Last,
+the peak RSS of `fmap extract` on few and on many images, in fresh processes: streaming means the
+two match.
 
-    python scripts/bench_pipeline.py [--images 256] [--rss 200,2000]
+    python scripts/bench_pipeline.py [--images 256] [--reps 3] [--rss 200,2000]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -25,10 +33,12 @@ import torch
 from PIL import Image
 
 from fmap_cli.capture import capture, discover
-from fmap_cli.extract import ExtractOptions, extract, preprocessing_for
+from fmap_cli.extract import Continuation, ExtractOptions, Inputs, ModelChoice, extract, preprocessing_for
 from fmap_cli.images import load_batch
 from fmap_cli.models import load_model
-from fmap_cli.store.chunks import chunk_shape
+from fmap_cli.store import chunks
+from fmap_cli.store.chunks import COMPRESSORS, chunk_shape, write_rows
+from fmap_cli.store.layout import Codec
 from fmap_cli.store.writer import Storage
 
 BATCH = 16
@@ -55,8 +65,69 @@ def rate(count: int, fn: Callable[[], object]) -> float:
     return count / (time.perf_counter() - start)
 
 
-def bench(model_name: str, model_arg: str | None, layers: list[str] | None, paths: list[str], workdir: Path) -> None:
-    """Stages alone, then the whole extract, for one model."""
+@contextmanager
+def compressor(name: str) -> Iterator[None]:
+    """Compress gzip chunks with "isal" (fmap's default where isal imports) or "zlib" (its fallback)."""
+    saved = chunks.deflater
+    if name == "zlib":
+        chunks.deflater = chunks.zlib_deflater
+    elif chunks.deflater(1).library.split()[0] != "isal":
+        raise SystemExit("isal is not installed: pip install isal")
+    try:
+        yield
+    finally:
+        chunks.deflater = saved
+
+
+Maps = dict[str, tuple[np.ndarray, np.ndarray | None]]  # layer -> (z, a) of one batch
+
+
+def write_maps(path: Path, host: Maps, n: int, z_codec: Codec | None, a_codec: Codec | None) -> int:
+    """Write ``n`` images of ``host`` maps (the batch repeated) as fmap writes them: chunks of
+    ``chunk_shape``, gzip chunks compressed in a pool by ``chunks.write_rows``; None skips a role.
+    Returns the bytes stored."""
+    with h5py.File(path, "w") as f, ThreadPoolExecutor(COMPRESSORS) as pool:
+        written = []
+        for name, pair in host.items():
+            for role, values, codec in (("z", pair[0], z_codec), ("a", pair[1], a_codec)):
+                if values is None or codec is None:
+                    continue
+                ds = f.create_dataset(
+                    f"{name}/{role}", shape=(n, *values.shape[1:]), dtype=np.float32,
+                    chunks=chunk_shape(values.shape[1:], 4), compression=codec[0],
+                    compression_opts=codec[1] if codec[0] == "gzip" else None,
+                )  # fmt: skip
+                for start in range(0, n, BATCH):
+                    stop = min(n, start + BATCH)
+                    write_rows(ds, start, values[: stop - start], pool)
+                written.append(ds)
+        f.flush()
+        return sum(ds.id.get_storage_size() for ds in written)
+
+
+def median_rates(n: int, runs: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """Images per second of each of ``runs`` in each of ``reps`` rounds (run back to back, so a
+    noisy machine slows all of them alike)."""
+    rates: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(reps):
+        for label, fn in runs.items():
+            rates[label].append(rate(n, fn))
+    return rates
+
+
+def bench(
+    model_name: str,
+    model_arg: str | None,
+    layers: list[str] | None,
+    paths: list[str],
+    workdir: Path,
+    reps: int,
+    z_gzip: bool = False,
+) -> Maps:
+    """Stages alone, then the whole extract (with ISA-L, and with zlib), for one model; returns one
+    batch of its maps.
+
+    ``z_gzip``: also time the whole extract with z compressed too (--z-compression gzip:1)."""
     loaded = load_model(model_arg)
     prep = preprocessing_for(loaded.input, None, False)
     infos = discover(loaded.module, torch.zeros(1, 3, *loaded.input.size))
@@ -65,8 +136,6 @@ def bench(model_name: str, model_arg: str | None, layers: list[str] | None, path
     items = list(enumerate(paths))
 
     def decode() -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(lambda s: load_batch(items[s : s + BATCH], prep), range(0, n, BATCH)))
 
@@ -82,36 +151,105 @@ def bench(model_name: str, model_arg: str | None, layers: list[str] | None, path
     host = {name: (m.z.numpy(), m.a.numpy() if m.a is not None else None) for name, m in maps.items()}
     storage = Storage()
 
-    def write() -> None:
-        with h5py.File(workdir / "raw.h5", "w") as f:
-            for name, (z, a) in host.items():
-                for role, values, (codec, level) in (("z", z, storage.preactivation), ("a", a, storage.activation)):
-                    if values is None:
-                        continue
-                    ds = f.create_dataset(
-                        f"{name}/{role}", shape=(n, *values.shape[1:]), dtype=np.float32,
-                        chunks=chunk_shape(values.shape[1:], 4), compression=codec,
-                        compression_opts=level if codec == "gzip" else None,
-                    )  # fmt: skip
-                    for start in range(0, n, BATCH):
-                        stop = min(n, start + BATCH)
-                        ds[start:stop] = values[: stop - start]
-            f.flush()
+    def whole(storage: Storage = storage) -> None:
+        extract(ExtractOptions(Inputs(paths, batch_size=BATCH), workdir / "fmap.h5",
+                               ModelChoice(model=model_arg, layers=names, device="cpu"), storage,
+                               continuation=Continuation(overwrite=True)))  # fmt: skip
 
-    def whole() -> None:
-        extract(ExtractOptions(images=paths, out=workdir / "fmap.h5", model=model_arg, layers=names,
-                               batch_size=BATCH, device="cpu", overwrite=True))  # fmt: skip
+    stages = {
+        "decode + preprocess (2 threads)": decode,
+        "bare forward": forward,
+        "write stage (fmap's writer, ISA-L)": lambda: write_maps(
+            workdir / "stage.h5", host, n, storage.preactivation, storage.activation
+        ),
+    }
+    raw = {"raw h5py write, uncompressed": lambda: write_maps(workdir / "raw.h5", host, n, (None, 0), (None, 0))}
 
-    stages = {"decode + preprocess (2 threads)": rate(n, decode), "bare forward": rate(n, forward),
-              "raw h5py write (same bytes)": rate(n, write)}  # fmt: skip
-    total = rate(n, whole)
-    slowest = min(stages.values())
+    def whole_zlib() -> None:
+        with compressor("zlib"):
+            whole()
+
+    runs = {**stages, **raw, "fmap extract (whole pipeline)": whole, "fmap extract with zlib (fallback)": whole_zlib}
+    if z_gzip:
+        runs["fmap extract --z-compression gzip:1"] = lambda: whole(Storage(preactivation=("gzip", 1)))
+    rates = median_rates(n, runs, reps)
+    total = rates["fmap extract (whole pipeline)"]
+    slowest = [min(rates[label][i] for label in stages) for i in range(reps)]
+    raw_rates = rates["raw h5py write, uncompressed"]
     per_image = sum(v.nbytes for pair in host.values() for v in pair if v is not None) / BATCH / 1e6
-    print(f"\n{model_name}: {n} JPEGs 640x480, batch {BATCH}, layers {len(names)}, {per_image:.1f} MB/image written")
-    for label, value in stages.items():
-        print(f"  {label:<34} {value:>8.1f} img/s")
-    print(f"  {'fmap extract (whole pipeline)':<34} {total:>8.1f} img/s")
-    print(f"  fmap / slowest stage = {total / slowest:.2f}   (1.0 = stages fully overlapped; target >= 0.9)")
+    print(f"\n{model_name}: {n} JPEGs 640x480, batch {BATCH}, layers {len(names)}, {per_image:.1f} MB/image written, "
+          f"default storage, medians of {reps}")  # fmt: skip
+    for label, values in rates.items():
+        print(f"  {label:<36} {statistics.median(values):>8.1f} img/s")
+    by_raw = statistics.median(t / r for t, r in zip(total, raw_rates, strict=True))
+    by_slowest = statistics.median(t / s for t, s in zip(total, slowest, strict=True))
+    print(f"  fmap / raw uncompressed write = {by_raw:.2f}   (target >= 0.6)")
+    print(f"  fmap / slowest stage = {by_slowest:.2f}   (1.0 = stages fully overlapped; target >= 0.9)")
+    by_zlib = statistics.median(t / z for t, z in zip(total, rates["fmap extract with zlib (fallback)"], strict=True))
+    print(f"  fmap speed with ISA-L / with zlib = {by_zlib:.2f}")
+    if z_gzip:
+        zipped = rates["fmap extract --z-compression gzip:1"]
+        cost = statistics.median(t / z for t, z in zip(total, zipped, strict=True))
+        print(f"  fmap time with z gzip:1 / default (z raw) = {cost:.2f}")
+    return host
+
+
+def bench_write_stage(host: Maps, n: int, workdir: Path, reps: int) -> None:
+    """The write stage alone, per role and codec, zlib and ISA-L side by side: MB/s of map bytes,
+    stored ratio, and time / the uncompressed write of the same role."""
+    variants: dict[str, tuple[str, Codec]] = {
+        "uncompressed": ("isal", (None, 0)),
+        "gzip:1, zlib level 1": ("zlib", ("gzip", 1)),
+        "gzip:1, ISA-L level 1": ("isal", ("gzip", 1)),
+        "gzip:4, ISA-L level 2": ("isal", ("gzip", 4)),
+        "gzip:7, ISA-L level 3": ("isal", ("gzip", 7)),
+    }
+    path = workdir / "stage.h5"
+    for role in ("z", "a"):
+        stored: dict[str, int] = {}
+
+        def one(label: str, role: str = role, stored: dict[str, int] = stored) -> Callable[[], object]:
+            library, codec = variants[label]
+
+            def run() -> None:
+                with compressor(library):
+                    z_codec, a_codec = (codec, None) if role == "z" else (None, codec)
+                    stored[label] = write_maps(path, host, n, z_codec, a_codec)
+
+            return run
+
+        rates = median_rates(n, {label: one(label) for label in variants}, reps)
+        index = 0 if role == "z" else 1
+        raw_bytes = n * sum(pair[index][0].nbytes for pair in host.values() if pair[index] is not None)
+        print(f"\n  write stage, {role} only ({raw_bytes / n / 1e6:.1f} MB/image, {n} images, {COMPRESSORS} threads), "
+              f"medians of {reps}:")  # fmt: skip
+        print(f"    {'codec':<24} {'MB/s':>7} {'ratio':>7} {'time / uncompressed':>20}")
+        base = rates["uncompressed"]
+        for label, values in rates.items():
+            slower = statistics.median(b / v for v, b in zip(values, base, strict=True))
+            print(f"    {label:<24} {raw_bytes / 1e6 * statistics.median(values) / n:>7.0f} "
+                  f"{raw_bytes / stored[label]:>7.3f} {slower:>20.2f}")  # fmt: skip
+    both: dict[str, tuple[str, Codec | None, Codec]] = {
+        "default storage (a gzip:1, z raw), zlib": ("zlib", (None, 0), ("gzip", 1)),
+        "default storage (a gzip:1, z raw), ISA-L": ("isal", (None, 0), ("gzip", 1)),
+        "z and a gzip:1, ISA-L": ("isal", ("gzip", 1), ("gzip", 1)),
+        "z and a uncompressed": ("isal", (None, 0), (None, 0)),
+    }
+
+    def write(library: str, z_codec: Codec | None, a_codec: Codec) -> Callable[[], object]:
+        def run() -> None:
+            with compressor(library):
+                write_maps(path, host, n, z_codec, a_codec)
+
+        return run
+
+    rates = median_rates(n, {label: write(*spec) for label, spec in both.items()}, reps)
+    per_image = sum(v[0].nbytes for pair in host.values() for v in pair if v is not None) / 1e6
+    print(f"\n  write stage, z and a ({per_image:.1f} MB/image), medians of {reps}:")
+    for label, values in rates.items():
+        speed = statistics.median(values)
+        print(f"    {label:<44} {speed:>7.1f} img/s {speed * per_image:>7.0f} MB/s")
+    path.unlink(missing_ok=True)
 
 
 def peak_rss(paths: list[str], workdir: Path) -> int:
@@ -138,6 +276,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--resnet-images", type=int, default=48, help="fewer: every conv is ~19 MB per image")
+    parser.add_argument("--write-images", type=int, default=32, help="images per codec in the write-stage table")
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--rss", default="200,2000")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fmap-bench")
     args = parser.parse_args()
@@ -145,16 +285,20 @@ def main() -> None:
     photos = args.workdir / "jpegs"
     photos.mkdir(exist_ok=True)
     paths = make_jpegs(photos, args.images)
-    print(f"machine: {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
-    bench("edges (default model), conv1 + conv2", None, ["conv1", "conv2"], paths, args.workdir)
+    fast, fallback = chunks.deflater(1).describe(), chunks.zlib_deflater(1).describe()
+    print(f"machine: {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+          f"gzip:1 chunks by {fast}, fallback {fallback}")  # fmt: skip
+    bench("edges (default model), conv1 + conv2", None, ["conv1", "conv2"], paths, args.workdir, args.reps)
     resnet = f"{Path(__file__).resolve().parent.parent / 'tests' / 'zoo.py'}:resnet18_full"
-    bench("ResNet-18-shaped, all 20 convs", resnet, None, paths[: args.resnet_images], args.workdir)
+    host = bench("ResNet-18-shaped, all 20 convs", resnet, None, paths[: args.resnet_images], args.workdir, args.reps,
+                 z_gzip=True)  # fmt: skip
+    bench_write_stage(host, args.write_images, args.workdir, args.reps)
     few, many = (int(v) for v in args.rss.split(","))
     small = [p for i, p in enumerate(paths * (many // len(paths) + 1)) if i < many]
     rss_few, rss_many = peak_rss(small[:few], args.workdir), peak_rss(small, args.workdir)
     print(f"\npeak RSS of fmap extract (edges conv2 at 112 px, batch {BATCH}): {few} images {rss_few / 2**20:.0f} MiB, "
           f"{many} images {rss_many / 2**20:.0f} MiB, ratio {rss_many / rss_few:.2f} (target within 1.10)")  # fmt: skip
-    for name in ("raw.h5", "fmap.h5", "rss.h5"):  # the JPEGs stay for the next run
+    for name in ("raw.h5", "stage.h5", "fmap.h5", "rss.h5"):  # the JPEGs stay for the next run
         (args.workdir / name).unlink(missing_ok=True)
 
 
