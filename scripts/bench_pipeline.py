@@ -123,11 +123,14 @@ def bench(
     workdir: Path,
     reps: int,
     z_gzip: bool = False,
+    layouts: bool = False,
 ) -> Maps:
     """Stages alone, then the whole extract (with ISA-L, and with zlib), for one model; returns one
     batch of its maps.
 
-    ``z_gzip``: also time the whole extract with z compressed too (--z-compression gzip:1)."""
+    ``z_gzip``: also time the whole extract with z compressed too (--z-compression gzip:1).
+    ``layouts``: also time the bare forward and the whole extract with a channels-last batch
+    (--memory-format channels_last), each against its own contiguous counterpart."""
     loaded = load_model(model_arg)
     prep = preprocessing_for(loaded.input, None, False)
     infos = discover(loaded.module, torch.zeros(1, 3, *loaded.input.size))
@@ -151,10 +154,16 @@ def bench(
     host = {name: (m.z.numpy(), m.a.numpy() if m.a is not None else None) for name, m in maps.items()}
     storage = Storage()
 
-    def whole(storage: Storage = storage) -> None:
-        extract(ExtractOptions(Inputs(paths, batch_size=BATCH), workdir / "fmap.h5",
-                               ModelChoice(model=model_arg, layers=names, device="cpu"), storage,
+    def whole(storage: Storage = storage, memory_format: str = "contiguous") -> None:
+        choice = ModelChoice(model=model_arg, layers=names, device="cpu", memory_format=memory_format)
+        extract(ExtractOptions(Inputs(paths, batch_size=BATCH), workdir / "fmap.h5", choice, storage,
                                continuation=Continuation(overwrite=True)))  # fmt: skip
+
+    def forward_channels_last() -> None:
+        x = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            for _ in range(0, n, BATCH):
+                loaded.module(x)
 
     stages = {
         "decode + preprocess (2 threads)": decode,
@@ -172,6 +181,9 @@ def bench(
     runs = {**stages, **raw, "fmap extract (whole pipeline)": whole, "fmap extract with zlib (fallback)": whole_zlib}
     if z_gzip:
         runs["fmap extract --z-compression gzip:1"] = lambda: whole(Storage(preactivation=("gzip", 1)))
+    if layouts:
+        runs["bare forward, channels-last batch"] = forward_channels_last
+        runs["fmap extract --memory-format channels_last"] = lambda: whole(memory_format="channels_last")
     rates = median_rates(n, runs, reps)
     total = rates["fmap extract (whole pipeline)"]
     slowest = [min(rates[label][i] for label in stages) for i in range(reps)]
@@ -191,6 +203,13 @@ def bench(
         zipped = rates["fmap extract --z-compression gzip:1"]
         cost = statistics.median(t / z for t, z in zip(total, zipped, strict=True))
         print(f"  fmap time with z gzip:1 / default (z raw) = {cost:.2f}")
+    if layouts:  # like with like: each layout against the same layout
+        for label, base, fast in (
+            ("bare forward", "bare forward", "bare forward, channels-last batch"),
+            ("fmap extract", "fmap extract (whole pipeline)", "fmap extract --memory-format channels_last"),
+        ):
+            speed = statistics.median(c / b for c, b in zip(rates[fast], rates[base], strict=True))
+            print(f"  {label}: channels-last / contiguous speed = {speed:.2f}")
     return host
 
 
@@ -291,7 +310,7 @@ def main() -> None:
     bench("edges (default model), conv1 + conv2", None, ["conv1", "conv2"], paths, args.workdir, args.reps)
     resnet = f"{Path(__file__).resolve().parent.parent / 'tests' / 'zoo.py'}:resnet18_full"
     host = bench("ResNet-18-shaped, all 20 convs", resnet, None, paths[: args.resnet_images], args.workdir, args.reps,
-                 z_gzip=True)  # fmt: skip
+                 z_gzip=True, layouts=True)  # fmt: skip
     bench_write_stage(host, args.write_images, args.workdir, args.reps)
     few, many = (int(v) for v in args.rss.split(","))
     small = [p for i, p in enumerate(paths * (many // len(paths) + 1)) if i < many]
