@@ -296,7 +296,7 @@ def run(
     try:
         verified = 0
         with ExitStack() as stack:
-            stack.enter_context(_full_float32())
+            stack.enter_context(full_float32())
             forward = stack.enter_context(capture(net, planned.layers, planned.names))
             stack.enter_context(writer)
             checker: Verifier | None = None
@@ -308,7 +308,7 @@ def run(
                 continued.replaces.unlink(missing_ok=True)
             with (
                 BackgroundWriter(writer, stop_requested=stop_requested) as sink,
-                _decoded_batches(planned.todo, options.inputs, planned.prep, stop_requested) as batches,
+                decoded_batches(planned.todo, options.inputs, planned.prep, stop_requested) as batches,
             ):
                 sink.add_failures([(f.index, f.path, f.reason) for f in failures])
                 for batch, failed in batches:
@@ -535,7 +535,7 @@ class _Batches:
 
 
 @contextmanager
-def _decoded_batches(
+def decoded_batches(
     items: Sequence[tuple[int, str]], inputs: Inputs, prep: Preprocessing, stop_requested: StopRequested
 ) -> Iterator[_Batches]:
     pool = ThreadPoolExecutor(max_workers=max(1, inputs.workers), thread_name_prefix="fmap-decode")
@@ -554,7 +554,7 @@ def input_list_sha256(paths: Sequence[str]) -> str:
 
 
 @contextmanager
-def _full_float32() -> Iterator[None]:
+def full_float32() -> Iterator[None]:
     """Turn TF32 off while extracting (restored after).
 
     PyTorch lets cuDNN convolutions use TF32 by default, which keeps ~3 significant digits:

@@ -37,8 +37,8 @@ from .extract import (
     Inputs,
     ModelChoice,
     Plan,
-    _decoded_batches,  # the decoding threads of extract, ahead of the model
-    _full_float32,  # TF32 off: the totals are what a float32 forward pass computes
+    decoded_batches,  # the decoding threads of extract, ahead of the model
+    full_float32,  # TF32 off: the totals are what a float32 forward pass computes
     plan,
 )
 from .images import Failure, check_image
@@ -408,13 +408,13 @@ def _run(
     failed: list[Failure] = []
     handled = len(planned.failures)  # header failures are handled already
     with ExitStack() as stack:
-        stack.enter_context(_full_float32())
+        stack.enter_context(full_float32())
         wanted = [name for name in (work.layer, work.scores_layer) if name is not None]
         grab = stack.enter_context(capture(net, planned.layers, list(dict.fromkeys(wanted)))) if wanted else None
         forward = _Forward(net, grab, work, options.inputs.batch_size, MEMORY_FORMATS[options.model.memory_format])
         writer = stack.enter_context(OcclusionWriter.create(options.out, layout, attrs, options.overwrite))
         writer.add_failures([(f.index, f.path, f.reason) for f in planned.failures])
-        batches = stack.enter_context(_decoded_batches(planned.todo, options.inputs, planned.prep, stop_requested))
+        batches = stack.enter_context(decoded_batches(planned.todo, options.inputs, planned.prep, stop_requested))
         for batch, bad in batches:
             check(stop_requested)
             for i in range(0 if batch is None else len(batch.paths)):

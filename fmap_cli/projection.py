@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 from .analysis import layer_stats, top_images
 from .capture import LayerInfo, capture
 from .errors import FmapError, ModelError, UsageError, first_line
-from .extract import _full_float32  # TF32 off, as for the maps the file holds
+from .extract import full_float32  # TF32 off, as for the maps the file holds
 from .geometry import Geometry
 from .layers import describe_layers
 from .models import LoadedModel, load_model, resolve_device
@@ -323,7 +323,7 @@ def project(
     log(f"model {model.name} ({model.source}) on {device}: {options.method} projections of "
         f"{options.layer} channel {options.channel}, {len(source.units)} unit(s)")  # fmt: skip
     net = model.module.to(device)
-    with _full_float32():
+    with full_float32():
         projected, values, maxima = project_units(
             net, layers, options.layer, options.channel, torch.from_numpy(source.pixels).to(device),
             source.units, options.method, options.batch_size, stop_requested,

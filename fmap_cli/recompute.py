@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .pairing import LINEAR_OPS, NONLINEAR_MODULES, NONLINEAR_OPS, LayerInfo, module_kind, op_name
+from .pairing import LINEAR_OPS, NONLINEAR_MODULES, NONLINEAR_OPS, LayerInfo, first_tensor, module_kind, op_name
 
 IN, OUT = "input", "output"
 
@@ -79,7 +79,7 @@ class _Calls:
         return base if self._counts[base] == 1 else f"{base}#{self._counts[base]}"
 
     def _keep(self, name: str, role: str, value: Any) -> None:
-        t = _first_tensor(value)
+        t = first_tensor(value)
         held = self.held.setdefault(name, {})
         if t is None or role not in self.wanted.get(name, ()) or role in held:
             return
@@ -107,24 +107,13 @@ class _Calls:
         op, _ = op_name(func)
         name = None
         in_container = all(container for _, _, container in self._scopes)
-        if in_container and (op in NONLINEAR_OPS or op in LINEAR_OPS) and _first_tensor(args) is not None:
+        if in_container and (op in NONLINEAR_OPS or op in LINEAR_OPS) and first_tensor(args) is not None:
             name = self._name(f"{self._scopes[-1][1]}:{op}")
             self._keep(name, IN, args)
         result = run()
         if name is not None:
             self._keep(name, OUT, result)
         return result
-
-
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, list | tuple):
-        for item in value:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
 
 
 def _is_container(module: nn.Module) -> bool:

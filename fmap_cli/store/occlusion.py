@@ -26,7 +26,7 @@ from .atomic import AtomicOutput
 from .layout import STR, Storage, create_dataset, create_group, growing, safe_text, set_attrs
 from .reader import DAMAGED, printable
 from .rows import Batch, RowWriter
-from .writer import FileWriter, _WriteGuard
+from .writer import FileWriter, WriteGuard
 
 GROUP = schema.OCCLUSION
 ACTIVITY, CHANNEL, BASELINE = "activity", "channel", "baseline"
@@ -139,7 +139,7 @@ class OcclusionWriter(FileWriter):
     ...     writer.append(row)
     """
 
-    def __init__(self, rows: RowWriter, guard: _WriteGuard, output: AtomicOutput, layout: OcclusionLayout) -> None:
+    def __init__(self, rows: RowWriter, guard: WriteGuard, output: AtomicOutput, layout: OcclusionLayout) -> None:
         super().__init__(rows, guard, output)
         self.layout = layout
 

@@ -48,7 +48,7 @@ class FileWriter:
 
     resumable = False  # an interrupted run keeps its temporary file for --resume
 
-    def __init__(self, rows: RowWriter, guard: _WriteGuard, output: AtomicOutput, hold: int | None = None) -> None:
+    def __init__(self, rows: RowWriter, guard: WriteGuard, output: AtomicOutput, hold: int | None = None) -> None:
         self.rows = rows
         self._guard = guard
         self._output = output
@@ -57,7 +57,7 @@ class FileWriter:
     @staticmethod
     def _open(
         out: Path, overwrite: bool, build: Callable[[h5py.File], RowWriter], hold: int | None = None
-    ) -> tuple[RowWriter, _WriteGuard, AtomicOutput]:
+    ) -> tuple[RowWriter, WriteGuard, AtomicOutput]:
         """A new file beside ``out`` whose layout ``build`` creates, flushed once: a full disk fails
         here, before any work.
 
@@ -65,10 +65,10 @@ class FileWriter:
             FmapError: the temporary file cannot be written.
         """
         output = AtomicOutput(out, overwrite).__enter__()
-        guard: _WriteGuard | None = None
+        guard: WriteGuard | None = None
         try:
             f = h5py.File(output.path, "w", locking=False)  # the AtomicOutput lock guards it
-            guard = _WriteGuard(f)
+            guard = WriteGuard(f)
             rows = build(f)
             f.flush()
             guard.check()
@@ -106,7 +106,7 @@ class FileWriter:
 
     def _guarded(self, write: Callable[[], None]) -> None:
         """Run ``write``; a failed write (disk full, file size limit) is one FmapError, and nothing
-        more goes to the file (see :class:`_WriteGuard`)."""
+        more goes to the file (see :class:`WriteGuard`)."""
         try:
             write()
             self._guard.check()
@@ -181,7 +181,7 @@ class MapWriter(FileWriter):
     """
 
     def __init__(
-        self, rows: RowWriter, guard: _WriteGuard, output: AtomicOutput, seed: Seed | None, hold: int | None
+        self, rows: RowWriter, guard: WriteGuard, output: AtomicOutput, seed: Seed | None, hold: int | None
     ) -> None:
         super().__init__(rows, guard, output, hold)
         self._seed = seed
@@ -235,10 +235,10 @@ class MapWriter(FileWriter):
 
 
 class _WriteFailed(Exception):  # noqa: N818 - carries HDF5's own error
-    """A write HDF5 could only report as "unraisable" (see :class:`_WriteGuard`)."""
+    """A write HDF5 could only report as "unraisable" (see :class:`WriteGuard`)."""
 
 
-class _WriteGuard:
+class WriteGuard:
     """Turns a failed write (disk full, file size limit) into one clean error.
 
     h5py reports a write that fails while a dataset object is freed as "unraisable" (printed, not
