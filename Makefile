@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python scripts/bench_pipeline.py
 	$(BIN)/python scripts/bench_project.py
 	$(BIN)/python scripts/bench_occlude.py
+	$(BIN)/python scripts/bench_sizes.py
 
 docs: install
 	$(BIN)/python scripts/sync_readme.py

@@ -21,6 +21,7 @@ import click
 
 from . import __version__
 from .errors import FmapError, StoppedError, UnknownLayerError, UsageError
+from .spec import DEFAULT_MODEL
 
 
 @contextmanager
@@ -64,15 +65,16 @@ def _split_layers(ctx: click.Context, param: click.Parameter, value: str | None)
     return list(dict.fromkeys(names))
 
 
-def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--model, --weights and --model-arg, shared by the commands that load a model."""
+def model_options(default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--model, --weights and --model-arg, shared by the commands that load a model; ``default`` says
+    which model a command uses without --model."""
     options = [
         click.option(
             "-m",
             "--model",
             metavar="MODEL",
             help="Built-in name (see 'fmap models'), a .toml/.json spec, a .pt2 torch.export program, "
-            "package.module:factory, file.py:factory, torchvision:NAME or timm:NAME. Default: edges.",
+            f"package.module:factory, file.py:factory, torchvision:NAME or timm:NAME. Default: {default}.",
         ),
         click.option(
             "-w",
@@ -89,9 +91,13 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="Keyword argument for the model factory (repeatable; VALUE parsed as JSON when it can be).",
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -196,7 +202,7 @@ def _inputs(
 
 @cli.command()
 @input_options
-@model_options
+@model_options(DEFAULT_MODEL)
 @run_options
 @click.option(
     "-l",
@@ -337,7 +343,7 @@ class UnitType(click.ParamType):  # type: ignore[type-arg]  # as SizeType
     show_default=True,
     help="deconvnet (Zeiler & Fergus), guided backpropagation or the plain gradient.",
 )
-@model_options
+@model_options("the model FILE was extracted with")
 @device_option
 @click.option(
     "-b", "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Units per backward pass."
@@ -469,7 +475,7 @@ def inspect(file: Path, as_json: bool, top: int | None, hist: bool, **details: A
 
 
 @cli.command()
-@model_options
+@model_options(DEFAULT_MODEL)
 @click.option("--size", type=SizeType(), help="Input size N or H,W for the shapes (default: the model's).")
 @click.option("-l", "--layers", "patterns", callback=_split_layers, metavar="L1,L2", help="Only these names or globs.")
 def layers(
@@ -515,7 +521,7 @@ def layers(
 @cli.command()
 def models() -> None:
     """List the built-in models (use their name with --model)."""
-    from .spec import BUILTIN_MODELS, DEFAULT_MODEL, load_spec
+    from .spec import BUILTIN_MODELS, load_spec
 
     with _errors():
         for name in BUILTIN_MODELS:
@@ -631,7 +637,7 @@ class ChannelsType(click.ParamType):  # type: ignore[type-arg]  # as SizeType
 
 @cli.command()
 @input_options
-@model_options
+@model_options(DEFAULT_MODEL)
 @run_options
 @click.option("-l", "--layer", metavar="L", help="Record the total activation of L's channels (see 'fmap layers').")
 @click.option(
