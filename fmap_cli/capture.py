@@ -21,8 +21,11 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import ModelError
 from .pairing import NONLINEAR_MODULES, LayerInfo, LayerMaps, Recorder, StopForward, first_tensor, module_kind
+from .replay import Diverged, Plan, Planner, Replay
 
 __all__ = ["LayerInfo", "LayerMaps", "capture", "discover", "is_exported"]
+
+MAX_DIVERGED = 3  # a model whose path changes this often gets no more plans: each miss costs a partial pass
 
 
 def _module_params(module: nn.Module) -> dict[str, Any]:
@@ -46,7 +49,7 @@ def _eager_kind(module: nn.Module) -> str:
 
 
 class _OpEvents(TorchFunctionMode):
-    def __init__(self, recorder: Recorder) -> None:
+    def __init__(self, recorder: Recorder | Replay) -> None:
         super().__init__()
         self.recorder = recorder
 
@@ -86,7 +89,7 @@ def _eager_events(model: nn.Module, recorder: Recorder) -> Iterator[None]:
 class _ExportedEvents(torch.fx.Interpreter):
     """Runs a ``torch.export`` program node by node, feeding the same events as an eager model."""
 
-    def __init__(self, module: torch.fx.GraphModule, recorder: Recorder) -> None:
+    def __init__(self, module: torch.fx.GraphModule, recorder: Recorder | Replay) -> None:
         super().__init__(module)
         self.recorder = recorder
         self.stack: list[tuple[str, str, str]] = []  # (key, path, type) of the open module calls
@@ -133,12 +136,15 @@ def is_exported(model: nn.Module) -> bool:
     return bool(getattr(model, "fmap_exported", False))
 
 
-def _forward(model: nn.Module, x: torch.Tensor, recorder: Recorder) -> None:
-    recorder.start(x)
+def _forward(model: nn.Module, x: torch.Tensor, recorder: Recorder | Replay) -> None:
     try:
         with torch.inference_mode():
+            recorder.start(x)
             if isinstance(model, torch.fx.GraphModule) and is_exported(model):
                 _ExportedEvents(model, recorder).run(x)
+            elif isinstance(recorder, Replay):  # ops only: module hooks alone cost 0.2-0.5x the forward pass
+                with _OpEvents(recorder):
+                    model(x)
             else:
                 with _eager_events(model, recorder):
                     model(x)
@@ -180,16 +186,20 @@ def capture(
     """Yield ``run(x) -> {name: LayerMaps}`` for the layers ``names`` (described by :func:`discover`).
 
     The forward pass stops as soon as every wanted map exists, so an early layer costs only the
-    layers up to it.
+    layers up to it. The first batch of each input shape runs the full pairing; later ones replay
+    what it decided (``replay.py``), with the same maps, and fall back to the full pairing when
+    the model takes another path through its code.
 
     Raises (from ``run``):
         ModelError: a wanted map was not produced: the model took another path through its code
             than for the image :func:`discover` saw.
     """
     expected = {name: {"z"} | ({"a"} if layers[name].nonlinearity != "none" else set()) for name in names}
+    plans: dict[tuple[Any, ...], Plan | None] = {}
+    diverged = 0  # batches that left their plan: past MAX_DIVERGED, every batch takes the full path
 
-    def run(x: torch.Tensor) -> dict[str, LayerMaps]:
-        recorder = Recorder(expected, image_size=(x.shape[-2], x.shape[-1]))
+    def full(x: torch.Tensor, key: tuple[Any, ...]) -> dict[str, LayerMaps]:
+        recorder = Planner(expected, image_size=(x.shape[-2], x.shape[-1]))
         _forward(model, x, recorder)
         maps = recorder.maps
         for name, roles in expected.items():
@@ -200,7 +210,21 @@ def capture(
                         f"layer '{name}' produced no {role} for this batch: the model took another path through "
                         "its code (data-dependent control flow) than for the blank image used to list its layers"
                     )
+        plans[key] = recorder.plan() if diverged < MAX_DIVERGED else None
         return maps
+
+    def run(x: torch.Tensor) -> dict[str, LayerMaps]:
+        nonlocal diverged
+        key = (tuple(x.shape), x.stride(), x.dtype, x.device)  # shapes decide pairing (shape-preserving ops)
+        plan = plans.get(key)
+        if plan is not None:
+            replay = Replay(plan)
+            try:
+                _forward(model, x, replay)
+                return replay.maps
+            except Diverged:
+                diverged += 1
+        return full(x, key)
 
     with _eval(model):
         yield run

@@ -1,0 +1,203 @@
+"""Capture's fast path: the first batch of a shape runs the full pairing (``pairing.Recorder``) and
+leaves a :class:`Plan`; later batches of that shape replay it with almost no Python work per op.
+
+The pairing, the receptive fields and the layer naming are the same for every batch that takes the
+same path through the model's code, but the recorder redoes them for every op of every batch: on
+networks of many small ops (EfficientNet, MobileNet, DenseNet) that cost 3-5x the forward pass.
+What the full pass decides is written down as ops: which op's output (or the model's input) each
+captured map is, and before which op each held map was copied because an in-place op was about to
+write into it. A replay runs the model under a bare ``TorchFunctionMode`` (no module hooks), holds
+those tensors, makes those copies and stops at the op after the last one it needs, so its maps are
+the full pass's, bit for bit.
+
+A replay checks, op by op, that the model takes the same path: the same function, fed (first
+tensor argument) by the output of the same earlier op, and held maps of the same shapes. Anything
+else (data-dependent control flow or routing) raises :class:`Diverged`, and capture runs that
+batch the full way instead.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import fields
+from .pairing import LayerMaps, Recorder, StopForward, _Box, _TensorMap, first_tensor
+
+__all__ = ["Diverged", "Plan", "Planner", "Replay"]
+
+INPUT = -1  # "made by step -1": the model's input
+UNKNOWN = -2  # not made by any op of this forward pass (a parameter, a constant, or not a tensor)
+
+
+class Diverged(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """The model left the path its plan was made on."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a full pass on one input shape decided, as ops (step k = the k-th op of the forward pass)."""
+
+    funcs: list[Any]  # the function of each step, up to the last one needed
+    sources: list[int]  # the step whose output is each step's first tensor argument (INPUT, UNKNOWN)
+    holds: list[tuple[tuple[int, int], ...]]  # per step: (box, index among the op's output tensors) to hold
+    clones: list[tuple[int, ...]]  # per step: boxes to copy before the op runs (it writes into them)
+    input_holds: tuple[int, ...]  # boxes holding the model's input
+    shapes: list[tuple[int, ...]]  # per box: the shape of the tensor it holds
+    roles: dict[str, dict[str, int]]  # layer -> role ("z", "a") -> box
+
+    @property
+    def last(self) -> int:
+        """The step after which every map is held (INPUT: before any op); a replay stops at the next op."""
+        return len(self.funcs) - 1
+
+
+class Planner(Recorder):
+    """A full :class:`~fmap_cli.pairing.Recorder` that also writes down what it did, as a :class:`Plan`."""
+
+    def __init__(self, expected: dict[str, set[str]], image_size: tuple[int, int] = (0, 0)) -> None:
+        super().__init__(expected, image_size)
+        self._funcs: list[Any] = []
+        self._sources: list[int] = []
+        self._made = _TensorMap()  # tensor -> (step, index among that op's output tensors)
+        self._origins: dict[_Box, tuple[int, int] | None] = {}
+        self._copied: list[tuple[int, _Box]] = []  # (step, box) for each copy before an in-place op
+        self._step = INPUT
+
+    def start(self, x: torch.Tensor) -> None:
+        super().start(x)
+        self._made.set(x, (INPUT, 0))
+
+    def op(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any], run: Callable[[], Any]) -> Any:
+        if self._busy:  # the recorder's own copies are no step of the model
+            return run()
+        step = self._step = len(self._funcs)
+        self._funcs.append(func)
+        self._sources.append(self._source(first_tensor(args)))
+
+        def ran() -> Any:
+            result = run()
+            for index, t in enumerate(fields.tensors(result)):
+                self._made.set(t, (step, index))
+            return result
+
+        return super().op(func, args, kwargs, ran)
+
+    def _source(self, t: torch.Tensor | None) -> int:
+        made = self._made.get(t) if t is not None else None
+        return UNKNOWN if made is None else int(made[0])
+
+    def _hold(self, t: torch.Tensor) -> _Box:
+        box = super()._hold(t)
+        self._origins[box] = self._made.get(t)
+        return box
+
+    def _protect(self, target: Any) -> None:
+        before = [box.t for box in self._boxes]
+        super()._protect(target)
+        self._copied.extend((self._step, box) for box, t in zip(self._boxes, before, strict=True) if box.t is not t)
+
+    def plan(self) -> Plan | None:
+        """The plan of this pass, or None when a captured map is no op's output (nothing to replay)."""
+        boxes = list(dict.fromkeys(box for roles in self._wanted_boxes.values() for box in roles.values()))
+        origins = [self._origins.get(box) for box in boxes]
+        known = [origin for origin in origins if origin is not None]
+        if len(known) < len(boxes):
+            return None
+        last = max(step for step, _ in known)
+        holds: list[list[tuple[int, int]]] = [[] for _ in range(last + 1)]
+        for i, (step, index) in enumerate(known):
+            if step != INPUT:
+                holds[step].append((i, index))
+        number = {box: i for i, box in enumerate(boxes)}
+        clones: list[list[int]] = [[] for _ in range(last + 1)]
+        for step, box in self._copied:
+            if step <= last and box in number:
+                clones[step].append(number[box])
+        return Plan(
+            funcs=self._funcs[: last + 1],
+            sources=self._sources[: last + 1],
+            holds=[tuple(h) for h in holds],
+            clones=[tuple(c) for c in clones],
+            input_holds=tuple(i for i, (step, _) in enumerate(known) if step == INPUT),
+            shapes=[tuple(box.t.shape) for box in boxes],
+            roles={name: {role: number[b] for role, b in roles.items()} for name, roles in self._wanted_boxes.items()},
+        )
+
+
+class Replay:
+    """Runs a :class:`Plan`: fed the same events as a :class:`~fmap_cli.pairing.Recorder` (module
+    events are ignored), it holds the planned tensors and raises :class:`Diverged` off the plan."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self._step = 0
+        self._made: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}  # id -> (tensor, step that made it)
+        self._boxes: list[_Box | None] = [None] * len(plan.shapes)
+
+    def start(self, x: torch.Tensor) -> None:
+        """The model's input tensor."""
+        self._made[id(x)] = (weakref.ref(x), INPUT)
+        for i in self.plan.input_holds:
+            self._hold(i, x)
+
+    def enter(self, path: str, type_: str, kind: str, x: torch.Tensor | None, hyper: dict[str, Any]) -> None:
+        """Module calls are not needed: every planned map is an op's output."""
+
+    def exit(self, output: Any) -> None:
+        """See :meth:`enter`."""
+
+    def op(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any], run: Callable[[], Any]) -> Any:
+        """Check the op against the plan, make its planned copies, run it, hold its planned outputs."""
+        step = self._step
+        self._step = step + 1
+        plan = self.plan
+        if step > plan.last:  # every map is held; stopping at the next op lets the module call around it end
+            raise StopForward
+        if plan.funcs[step] is not func or self._source(args) != plan.sources[step]:
+            raise Diverged
+        for i in plan.clones[step]:
+            box = self._boxes[i]
+            assert box is not None, "a box is copied only after it is held"
+            box.t = box.t.clone()
+        result = run()
+        if isinstance(result, torch.Tensor):
+            self._made[id(result)] = (weakref.ref(result), step)
+        elif isinstance(result, list | tuple):
+            for t in fields.tensors(result):
+                self._made[id(t)] = (weakref.ref(t), step)
+        holds = plan.holds[step]
+        if holds:
+            outputs = [result] if isinstance(result, torch.Tensor) else list(fields.tensors(result))
+            for i, index in holds:
+                self._hold(i, outputs[index])
+        return result
+
+    def _source(self, args: Sequence[Any]) -> int:
+        t = args[0] if args and isinstance(args[0], torch.Tensor) else first_tensor(args)
+        item = self._made.get(id(t)) if t is not None else None
+        return item[1] if item is not None and item[0]() is t else UNKNOWN
+
+    def _hold(self, i: int, t: torch.Tensor) -> None:
+        if tuple(t.shape) != self.plan.shapes[i]:
+            raise Diverged
+        self._boxes[i] = _Box(t.detach())
+
+    @property
+    def maps(self) -> dict[str, LayerMaps]:
+        """The captured maps, as the full pass returns them.
+
+        Raises:
+            Diverged: the forward pass ended before every planned map was held.
+        """
+        if self._step <= self.plan.last:
+            raise Diverged
+        held = [box.t for box in self._boxes if box is not None]  # every box is held by the last step
+        return {
+            name: LayerMaps(held[roles["z"]] if "z" in roles else None, held[roles["a"]] if "a" in roles else None)
+            for name, roles in self.plan.roles.items()
+        }
