@@ -158,7 +158,9 @@ class Replay:
         plan = self.plan
         if step > plan.last:  # every map is held; stopping at the next op lets the module call around it end
             raise StopForward
-        if plan.funcs[step] is not func or self._source(args) != plan.sources[step]:
+        planned = plan.funcs[step]
+        # ``==`` for bound wrappers made anew at each access (``Tensor.shape.__get__``)
+        if (planned is not func and planned != func) or self._source(args) != plan.sources[step]:
             raise Diverged
         for i in plan.clones[step]:
             box = self._boxes[i]

@@ -1,0 +1,177 @@
+"""Capture's fast path (``replay.py``): batches after the first of each shape replay its plan, and
+must give exactly the maps of the full pairing (a fresh capture's first batch), bit for bit; a
+model that takes another path (control flow, or the same ops fed other tensors) is caught and
+captured the full way."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+import zoo
+from torch import nn
+
+from fmap_cli import capture as capture_module
+from fmap_cli.capture import LayerMaps, capture, discover
+from fmap_cli.replay import Planner, Replay
+
+Maps = dict[str, LayerMaps]
+
+
+@contextmanager
+def counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    """How many full passes (planners) and replays capture starts."""
+    counts = {"full": 0, "replay": 0}
+
+    class CountedPlanner(Planner):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            counts["full"] += 1
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    class CountedReplay(Replay):
+        def __init__(self, *args: object) -> None:
+            counts["replay"] += 1
+            super().__init__(*args)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(capture_module, "Planner", CountedPlanner)
+        patch.setattr(capture_module, "Replay", CountedReplay)
+        yield counts
+
+
+def full_pass(model: nn.Module, layers: dict, names: list[str], x: torch.Tensor) -> Maps:
+    """The full pairing's maps: a fresh capture's first batch is always a full pass."""
+    with capture(model, layers, names) as run:
+        return run(x)
+
+
+def assert_same(got: Maps, want: Maps) -> None:
+    assert list(got) == list(want)
+    for name in want:
+        for role in ("z", "a"):
+            g, w = getattr(got[name], role), getattr(want[name], role)
+            assert (g is None) == (w is None), (name, role)
+            if w is not None:
+                assert g.shape == w.shape and torch.equal(g, w), (name, role)
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
+    "resnet18": (zoo.resnet18, 32),  # in-place ReLU reused 2-3 times per block, += identity
+    "residual_net": (zoo.residual_net, 16),
+    "reused_relu": (zoo.reused_relu, 12),
+    "relu_": (lambda: zoo.functional_net("relu_"), 12),  # x.relu_() on a held z
+    "leaky_relu": (lambda: zoo.functional_net("leaky_relu"), 12),
+    "inception": (zoo.inception, 32),
+    "densenet": (zoo.densenet, 32),
+    "squeezenet": (zoo.squeezenet, 32),
+    "se_net": (zoo.se_net, 32),
+    "mobilenet_v2": (zoo.mobilenet_v2, 32),
+    "shufflenet": (zoo.shufflenet, 32),
+    "convnext": (zoo.convnext, 32),
+    "transformer": (zoo.transformer, 16),
+}
+
+
+@pytest.mark.parametrize("factory", sorted(MODELS))
+def test_replayed_maps_equal_the_full_pairing_on_every_layer(factory: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    make, size = MODELS[factory]
+    model = make().eval()
+    torch.manual_seed(0)
+    batches = [torch.randn(2, 3, size, size) for _ in range(3)]
+    layers = discover(model, batches[0][:1])
+    names = list(layers)
+    with counted(monkeypatch) as counts, capture(model, layers, names) as run:
+        got = [run(x) for x in batches]
+    assert counts == {"full": 1, "replay": 2}  # the plan held: no batch fell back
+    for x, maps in zip(batches[1:], got[1:], strict=True):
+        assert_same(maps, full_pass(model, layers, names, x))
+
+
+def test_one_early_layer_replays_and_stops_early(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = zoo.resnet18().eval()
+    ran: list[str] = []
+    model.fc.register_forward_hook(lambda *args: ran.append("fc"))
+    x = torch.randn(2, 3, 32, 32)
+    layers = discover(model, x[:1])
+    ran.clear()
+    with counted(monkeypatch) as counts, capture(model, layers, ["layer1.0.conv2"]) as run:
+        run(x)
+        maps = run(x)
+    assert counts == {"full": 1, "replay": 1}
+    assert ran == []
+    assert_same(maps, full_pass(model, layers, ["layer1.0.conv2"], x))
+
+
+def test_an_exported_program_replays(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    module = torch.export.export(zoo.resnet18().eval(), (x,)).module()
+    object.__setattr__(module, "fmap_exported", True)  # as models.load_exported marks it
+    layers = discover(module, x[:1])
+    names = ["conv1", "layer1.0", "layer1.0.relu#2", "layer2.0.downsample.0", "fc"]
+    y = torch.randn(2, 3, 32, 32)
+    with counted(monkeypatch) as counts, capture(module, layers, names) as run:
+        run(x)
+        maps = run(y)
+    assert counts == {"full": 1, "replay": 1}
+    assert_same(maps, full_pass(module, layers, names, y))
+
+
+def test_each_batch_size_gets_its_own_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shape-preserving ops decide the pairing, so a smaller last batch is planned anew."""
+    model = zoo.se_net().eval()
+    layers = discover(model, torch.zeros(1, 3, 32, 32))
+    names = list(layers)
+    batches = [torch.randn(n, 3, 32, 32) for n in (4, 4, 1, 4, 1)]
+    with counted(monkeypatch) as counts, capture(model, layers, names) as run:
+        got = [run(x) for x in batches]
+    assert counts == {"full": 2, "replay": 3}
+    for x, maps in zip(batches, got, strict=True):
+        assert_same(maps, full_pass(model, layers, names, x))
+
+
+class Routed(nn.Module):
+    """The same ops in the same order for every input, but which ReLU each conv's output reaches
+    depends on the input's values: only the dataflow tells the two paths apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.left = nn.Conv2d(3, 4, 3, padding=1)
+        self.right = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = self.left(x), self.right(x)
+        first, second = (left, right) if x.mean() > 0 else (right, left)
+        return self.relu1(first) + self.relu2(2 * second)
+
+
+@pytest.mark.parametrize("factory", [zoo.branchy, Routed])
+def test_another_path_falls_back_to_the_full_pairing(factory: Callable[[], nn.Module],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    model = factory().eval()
+    bright, dark = torch.rand(2, 3, 10, 10) + 0.1, -torch.rand(2, 3, 10, 10) - 0.1
+    layers = discover(model, bright[:1])
+    names = [n for n, info in layers.items() if info.kind in ("linear", "nonlinearity")]
+    with counted(monkeypatch) as counts, capture(model, layers, names) as run:
+        got = {"bright": run(bright), "dark": run(dark), "bright again": run(bright)}
+    # bright: planned; dark: off the plan, full pass and a new plan; bright again: off that one too
+    assert counts == {"full": 3, "replay": 2}
+    assert_same(got["dark"], full_pass(model, layers, names, dark))
+    assert_same(got["bright again"], got["bright"])
+    if factory is Routed:  # the pairing really differs between the two paths
+        assert torch.equal(got["bright"]["left"].a, got["bright"]["relu1"].a)
+        assert torch.equal(got["dark"]["left"].a, got["dark"]["relu2"].a)
+
+
+def test_a_model_that_keeps_changing_path_stops_being_planned(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = zoo.branchy().eval()
+    bright, dark = torch.rand(1, 3, 10, 10) + 0.1, -torch.rand(1, 3, 10, 10) - 0.1
+    layers = discover(model, bright)
+    with counted(monkeypatch) as counts, capture(model, layers, ["conv1", "relu2"]) as run:
+        for x in [bright, dark] * 5:
+            assert_same(run(x), full_pass(model, layers, ["conv1", "relu2"], x))
+    assert counts["replay"] == capture_module.MAX_DIVERGED
