@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import signal
@@ -21,7 +22,7 @@ import click
 
 from . import __version__
 from .errors import FmapError, StoppedError, UnknownLayerError, UsageError
-from .spec import DEFAULT_MODEL
+from .spec import DEFAULT_MODEL, INTERPOLATIONS
 
 
 @contextmanager
@@ -54,6 +55,32 @@ class SizeType(click.ParamType):  # type: ignore[type-arg]  # click >= 8.2 makes
         if len(numbers) not in (1, 2) or min(numbers) < 1:
             self.fail(f"expected a positive integer N or H,W (e.g. 224 or 224,320), got {value!r}", param, ctx)
         return (numbers[0], numbers[-1])
+
+
+RGB = tuple[float, float, float]
+
+
+class RGBType(click.ParamType):  # type: ignore[type-arg]  # as SizeType
+    """``R,G,B``: three finite numbers, one per channel (greater than 0 with ``positive``)."""
+
+    name = "R,G,B"
+
+    def __init__(self, positive: bool, example: str) -> None:
+        self.positive = positive
+        self.example = example
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> RGB:
+        if isinstance(value, tuple):
+            return value
+        try:
+            numbers = [float(part) for part in str(value).split(",")]
+        except ValueError:
+            numbers = []
+        ok = len(numbers) == 3 and all(math.isfinite(n) and (n > 0 or not self.positive) for n in numbers)
+        if not ok:
+            kind = "three numbers R,G,B greater than 0" if self.positive else "three numbers R,G,B"
+            self.fail(f"expected {kind} (e.g. {self.example}), got {value!r}", param, ctx)
+        return (numbers[0], numbers[1], numbers[2])
 
 
 def _split_layers(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
@@ -160,8 +187,30 @@ device_option = click.option(
 )
 run_options = _options(
     device_option,
-    click.option("--size", type=SizeType(), help="Input size N or H,W fed to the network (overrides the model's)."),
+    click.option(
+        "--size",
+        type=SizeType(),
+        help="Input size N or H,W fed to the network (overrides the model's; the picture is resized to just "
+        "cover it unless --resize).",
+    ),
     click.option("--no-resize", is_flag=True, help="Feed images at their own size (all must be equal)."),
+    click.option(
+        "--resize",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="Shorter side before the centre crop (an N x N box for timm's squash/border crop modes); "
+        "overrides the model's recipe.",
+    ),
+    click.option(
+        "--interpolation",
+        type=click.Choice(INTERPOLATIONS),
+        help="Resampling filter of the resize (Pillow's, as torchvision's Resize on PIL images); "
+        "overrides the model's recipe.",
+    ),
+    click.option(
+        "--mean", type=RGBType(False, "0.485,0.456,0.406"), help="Normalisation mean per channel (pixels in [0, 1])."
+    ),
+    click.option("--std", type=RGBType(True, "0.229,0.224,0.225"), help="Normalisation std per channel."),
     click.option(
         "--memory-format",
         type=click.Choice(["contiguous", "channels_last"]),
@@ -245,7 +294,8 @@ def _inputs(
 def extract(
     images: tuple[str, ...], recursive: bool, files_from: str | None, nul: bool, skip_bad: bool, shard: str | None,
     batch_size: int, workers: int, model: str | None, weights: str | None, model_args: tuple[str, ...], device: str,
-    size: tuple[int, int] | None, no_resize: bool, memory_format: str, layers: list[str] | None, out: Path,
+    size: tuple[int, int] | None, no_resize: bool, resize: int | None, interpolation: str | None, mean: RGB | None,
+    std: RGB | None, memory_format: str, layers: list[str] | None, out: Path,
     overwrite: bool,
     as_json: bool, quiet: bool, save_input: bool, dtype: str, compression: tuple[str | None, int],
     z_compression: tuple[str | None, int], roles: str, resume: bool, append: bool, verify: bool,
@@ -282,6 +332,10 @@ def extract(
                 device=device,
                 size=size,
                 no_resize=no_resize,
+                resize=resize,
+                interpolation=interpolation,
+                mean=mean,
+                std=std,
                 memory_format=memory_format,
             ),
             storage=Storage(preactivation=z_compression, activation=compression, dtype=dtype, roles=_roles(roles)),
@@ -662,7 +716,8 @@ class ChannelsType(click.ParamType):  # type: ignore[type-arg]  # as SizeType
 def occlude(
     images: tuple[str, ...], recursive: bool, files_from: str | None, nul: bool, skip_bad: bool, shard: str | None,
     batch_size: int, workers: int, model: str | None, weights: str | None, model_args: tuple[str, ...], device: str,
-    size: tuple[int, int] | None, no_resize: bool, memory_format: str, layer: str | None,
+    size: tuple[int, int] | None, no_resize: bool, resize: int | None, interpolation: str | None, mean: RGB | None,
+    std: RGB | None, memory_format: str, layer: str | None,
     channels: list[int] | str | None, target: int | None, no_class: bool, patch: tuple[int, int],
     stride: tuple[int, int] | None, fill: str, out: Path, overwrite: bool, as_json: bool, quiet: bool, save_input: bool,
 ) -> None:  # fmt: skip
@@ -686,7 +741,8 @@ def occlude(
         from .occlusion import occlude as run
 
         choice = ModelChoice(model=model, weights=weights, model_args=parse_model_args(model_args), device=device,
-                             size=size, no_resize=no_resize, memory_format=memory_format)  # fmt: skip
+                             size=size, no_resize=no_resize, resize=resize, interpolation=interpolation, mean=mean,
+                             std=std, memory_format=memory_format)  # fmt: skip
         options = OccludeOptions(
             inputs=_inputs(images, recursive, files_from, nul, shard, skip_bad, batch_size, workers),
             out=out,

@@ -66,6 +66,11 @@ class ModelChoice:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     size: tuple[int, int] | None = None  # overrides the model's input size
     no_resize: bool = False
+    # Each replaces the model's recipe (see models.load_model) when given.
+    resize: int | None = None  # shorter side before the crop (an N x N box for crop modes squash, border)
+    interpolation: str | None = None  # one of spec.INTERPOLATIONS
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
     # "contiguous": the batch is NCHW in C order, so every map equals the model's own forward on
     # /input bit for bit (CPU); "channels_last": faster convolutions on CPU, maps differ by float32 rounding
     memory_format: str = "contiguous"
@@ -121,13 +126,33 @@ class ExtractResult:
         }
 
 
-def preprocessing_for(spec: InputSpec, size: tuple[int, int] | None, no_resize: bool) -> Preprocessing:
-    """The preprocessing for a model's input spec, with --size / --no-resize applied."""
-    if no_resize and size is not None:
-        raise UsageError("--size and --no-resize cannot be used together")
-    crop = None if no_resize else (size or spec.size)
-    resize = spec.resize if size is None else None  # --size replaces the model's resize rule
-    return Preprocessing(crop, spec.mean, spec.std, resize, spec.background)
+def preprocessing_for(spec: InputSpec, choice: ModelChoice) -> Preprocessing:
+    """The preprocessing for a model's input spec (its recipe), with --size, --no-resize, --resize,
+    --interpolation, --mean and --std applied; the file records which of them replaced the recipe."""
+    given = {
+        "--size": choice.size,
+        "--no-resize": choice.no_resize or None,
+        "--resize": choice.resize,
+        "--interpolation": choice.interpolation,
+        "--mean": choice.mean,
+        "--std": choice.std,
+    }
+    if choice.no_resize:
+        clash = next((flag for flag in ("--size", "--resize", "--interpolation") if given[flag] is not None), None)
+        if clash is not None:
+            raise UsageError(f"{clash} and --no-resize cannot be used together")
+    resize = spec.resize if choice.size is None else None  # --size replaces the model's resize rule
+    return Preprocessing(
+        size=None if choice.no_resize else (choice.size or spec.size),
+        mean=choice.mean or spec.mean,
+        std=choice.std or spec.std,
+        resize=choice.resize or resize,
+        background=spec.background,
+        interpolation=choice.interpolation or spec.interpolation,
+        crop_mode=spec.crop_mode,
+        recipe=spec.recipe,
+        overridden=tuple(flag for flag, value in given.items() if value is not None),
+    )
 
 
 @dataclass(frozen=True)
@@ -174,7 +199,7 @@ def plan(options: ExtractOptions, log: Callable[[str], None] = lambda message: N
         check_target(options.out, continuation.overwrite or continuation.resume, inputs.images)
     device = resolve_device(choice.device)
     model = load_model(choice.model, choice.weights, choice.model_args)
-    prep = preprocessing_for(model.input, choice.size, choice.no_resize)
+    prep = preprocessing_for(model.input, choice)
     layers = None
     if prep.size is not None:  # a bad layer name or too small a size fails before any image is read
         layers = describe_layers(model, prep.size, str(device), size_flag=choice.size is not None)

@@ -1,10 +1,11 @@
 """Decode images and preprocess them into network input, with Pillow and numpy only.
 
 Semantics follow torchvision's ``Resize`` + ``CenterCrop`` + ``ToTensor`` + ``Normalize`` on PIL
-images: EXIF orientation applied; any mode converted to RGB (alpha composited onto a background
-colour, 16-bit greyscale scaled by 1/65535 instead of clipped); the shorter side resized with
-antialiased bilinear interpolation; a centre crop; pixels scaled to [0, 1]; per-channel
-``(x - mean) / std``.
+images (and timm's eval transforms for its ``crop_mode`` squash and border): EXIF orientation
+applied; any mode converted to RGB (alpha composited onto a background colour, 16-bit greyscale
+scaled by 1/65535 instead of clipped); a resize with Pillow's filter of the recipe's interpolation
+(what torchvision's ``Resize`` calls on a PIL image); a centre crop, padded where the picture is
+smaller; pixels scaled to [0, 1]; per-channel ``(x - mean) / std``.
 
 Refused, with a message naming the file: anything but a regular file (a FIFO would block, /dev/zero
 never ends), files over ``MAX_FILE_BYTES``, images over ``MAX_PIXELS`` and images with one side over
@@ -28,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError, first_line
+from .spec import CROP_MODES
 
 _HIGH_DEPTH_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 # Pillow refuses images over 2x this many pixels and only warns above it; fmap refuses both.
@@ -42,6 +44,13 @@ MAX_ASPECT = 100
 # (or 4x the crop's): bit-identical to torchvision's Resize + CenterCrop, at a bounded cost. Beyond,
 # only the part the crop keeps is resized: resized whole, a 1x5000 strip would take 1 GB.
 WHOLE_RESIZE_PIXELS = 1 << 22
+# Pillow's filter for each of spec.INTERPOLATIONS.
+FILTERS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 # What a path that is not a regular file is, for the message.
 _FILE_KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -57,18 +66,34 @@ class Preprocessing:
     """Every parameter of the preprocessing, recorded in the output file.
 
     ``size`` None means --no-resize: images are fed at their own size (all must be equal).
-    ``resize`` is the shorter side before the crop (torchvision ``Resize(resize)``); None resizes
-    just enough to cover ``size``.
+    ``resize`` with ``crop_mode`` "center": an int is the shorter side before the crop (torchvision
+    ``Resize(resize)``, the longer side truncated); an (H, W) box is covered keeping the aspect ratio,
+    sides rounded (timm's ``ResizeKeepRatio``); None covers ``size`` (sides truncated). With "squash"
+    the picture is resized to the box, aspect ratio lost; with "border" it is fitted inside the box
+    keeping the aspect ratio (sides rounded) and the crop pads it with the mean colour. An int N is
+    an N x N box there, None the box ``size``.
     """
 
     size: tuple[int, int] | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    resize: int | None = None
+    resize: int | tuple[int, int] | None = None
     background: tuple[int, int, int] = (255, 255, 255)
+    interpolation: str = "bilinear"  # a key of FILTERS
+    crop_mode: str = "center"  # one of spec.CROP_MODES
+    recipe: str = "fmap default"  # where the values come from
+    overridden: tuple[str, ...] = ()  # the options that replaced the recipe's values
+
+    @property
+    def pad_fill(self) -> tuple[int, int, int]:
+        """8-bit colour of the pixels the crop adds beyond the picture: the mean colour for "border"
+        (timm's ``CenterCropOrPad`` fill), black otherwise (torchvision's ``CenterCrop``)."""
+        if self.crop_mode == "border":
+            return (round(255 * self.mean[0]), round(255 * self.mean[1]), round(255 * self.mean[2]))
+        return (0, 0, 0)
 
     def describe(self) -> dict[str, Any]:
-        """The steps applied, in order, as JSON-able data."""
+        """The steps applied, in order, and where their values come from, as JSON-able data."""
         steps: list[dict[str, Any]] = [
             {"step": "exif_transpose"},
             {
@@ -78,12 +103,70 @@ class Preprocessing:
             },
         ]
         if self.size is not None:
-            shorter = self.resize if self.resize is not None else "cover"
-            steps.append({"step": "resize", "shorter_side": shorter, "interpolation": "bilinear", "antialias": True})
-            steps.append({"step": "center_crop", "size": list(self.size)})
+            steps.append(self._resize_step())
+            steps.append({"step": "center_crop", "size": list(self.size), "pad_fill": list(self.pad_fill)})
         steps.append({"step": "to_float", "scale": "1/255 (8-bit)", "range": [0.0, 1.0]})
         steps.append({"step": "normalize", "mean": list(self.mean), "std": list(self.std)})
-        return {"input_size": list(self.size) if self.size else "native", "steps": steps}
+        return {
+            "input_size": list(self.size) if self.size else "native",
+            "recipe": {"source": self.recipe, "overridden_by": list(self.overridden)},
+            "steps": steps,
+        }
+
+    def _resize_step(self) -> dict[str, Any]:
+        step: dict[str, Any] = {"step": "resize", "crop_mode": self.crop_mode}
+        box = self.resize_box()
+        if box is None:
+            shorter = self.resize if isinstance(self.resize, int) else "cover"
+            step["shorter_side"] = shorter
+            step["rule"] = (
+                f"shorter side to {shorter}, the other scaled and truncated (torchvision Resize({shorter}))"
+                if isinstance(shorter, int)
+                else "just cover the crop keeping the aspect ratio, sides truncated"
+            )
+        else:
+            step["box"] = list(box)
+            step["rule"] = {
+                "center": "cover the box keeping the aspect ratio, sides rounded (timm ResizeKeepRatio)",
+                "squash": "both sides to the box, aspect ratio not kept (timm crop_mode squash)",
+                "border": "fit inside the box keeping the aspect ratio, sides rounded (timm crop_mode border)",
+            }[self.crop_mode]
+        step["interpolation"] = self.interpolation
+        step["antialias"] = self.interpolation != "nearest"  # Pillow widens every other filter when shrinking
+        return step
+
+    def resize_box(self) -> tuple[int, int] | None:
+        """The (H, W) box the picture is resized against, or None for a shorter-side rule."""
+        if self.crop_mode == "center":
+            return self.resize if isinstance(self.resize, tuple) else None
+        if isinstance(self.resize, int):
+            return (self.resize, self.resize)
+        return self.resize or self.size
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Preprocessing:
+        """The inverse of :meth:`describe`: a file's ``preprocessing`` record (older files without
+        interpolation, crop mode or recipe were bilinear, centre-cropped, with fmap's default recipe)."""
+        steps = {step["step"]: step for step in record["steps"]}
+        size = record["input_size"]
+        resize_step = steps.get("resize", {})
+        resize: int | tuple[int, int] | None = None
+        if "box" in resize_step:
+            resize = (int(resize_step["box"][0]), int(resize_step["box"][1]))
+        elif isinstance(resize_step.get("shorter_side"), int):
+            resize = int(resize_step["shorter_side"])
+        recipe = record.get("recipe", {})
+        return cls(
+            size=None if size == "native" else (int(size[0]), int(size[1])),
+            mean=tuple(steps["normalize"]["mean"]),
+            std=tuple(steps["normalize"]["std"]),
+            resize=resize,
+            background=tuple(steps.get("to_rgb", {}).get("alpha_background", (255, 255, 255))),
+            interpolation=resize_step.get("interpolation", "bilinear"),
+            crop_mode=resize_step.get("crop_mode", CROP_MODES[0]),
+            recipe=recipe.get("source", "fmap default"),
+            overridden=tuple(recipe.get("overridden_by", ())),
+        )
 
 
 @dataclass(frozen=True)
@@ -255,60 +338,87 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
     return image.convert("RGB")
 
 
-def _resize_and_crop(image: Image.Image, size: tuple[int, int], shorter: int | None) -> Image.Image:
+def _resized_size(h: int, w: int, size: tuple[int, int], prep: Preprocessing) -> tuple[int, int]:
+    """(H, W) an h x w picture is resized to before the crop to ``size`` (see Preprocessing)."""
     height, width = size
-    h, w = image.height, image.width
-    if shorter is None:  # just cover the crop, keeping the aspect ratio (= Resize(224) for 224x224)
+    box = prep.resize_box()
+    if box is None and isinstance(prep.resize, int):  # torchvision Resize(int): the longer side truncated
+        shorter = prep.resize
+        return (int(shorter * h / w), shorter) if w <= h else (shorter, int(shorter * w / h))
+    if box is None:  # just cover the crop, keeping the aspect ratio
         if height / h >= width / w:
-            new_h, new_w = height, max(width, int(w * height / h))
-        else:
-            new_h, new_w = max(height, int(h * width / w)), width
-    elif w <= h:  # torchvision: the shorter side gets `shorter`, the longer side is truncated
-        new_w, new_h = shorter, int(shorter * h / w)
+            return height, max(width, int(w * height / h))
+        return max(height, int(h * width / w)), width
+    if prep.crop_mode == "squash":
+        return box
+    # timm's ResizeKeepRatio: one scale for both sides, the smaller ratio to cover the box, the larger to fit in it
+    ratios = (h / box[0], w / box[1])
+    ratio = min(ratios) if prep.crop_mode == "center" else max(ratios)
+    return max(1, round(h / ratio)), max(1, round(w / ratio))
+
+
+def _crop_start(length: int, crop: int) -> int:
+    """Where a centred crop starts along one side, as torchvision's ``center_crop``: a crop longer than
+    the side pads ``(crop - length) // 2`` before it (negative start), a shorter one starts at the
+    rounded centre offset."""
+    return -((crop - length) // 2) if crop > length else round((length - crop) / 2.0)
+
+
+def _resize_and_crop(image: Image.Image, size: tuple[int, int], prep: Preprocessing) -> np.ndarray:
+    """Resize and centre-crop one picture to ``size``: (3, H, W) float32 in [0, 1], padded with
+    ``prep.pad_fill`` where the crop is larger."""
+    height, width = size
+    new_h, new_w = _resized_size(image.height, image.width, size, prep)
+    top, left = _crop_start(new_h, height), _crop_start(new_w, width)
+    # the part of the crop inside the resized picture; the rest is padding
+    kept = (max(left, 0), max(top, 0), min(left + width, new_w), min(top + height, new_h))
+    resample = FILTERS[prep.interpolation]
+    if (new_h, new_w) == (image.height, image.width):  # torchvision's Resize leaves it as it is
+        part = image.crop(kept)
+    elif new_h * new_w <= max(WHOLE_RESIZE_PIXELS, 4 * height * width):
+        part = image.resize((new_w, new_h), resample).crop(kept)
     else:
-        new_h, new_w = shorter, int(shorter * w / h)
-    # torchvision's CenterCrop offsets; a crop larger than the image pads with zeros.
-    top, left = round((new_h - height) / 2.0), round((new_w - width) / 2.0)
-    crop = (left, top, left + width, top + height)
-    if new_h * new_w <= max(WHOLE_RESIZE_PIXELS, 4 * height * width):
-        if (new_h, new_w) != (h, w):
-            image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-        return image.crop(crop)
-    return _resize_part(image, (new_w, new_h), crop)
+        part = _resize_part(image, (new_w, new_h), kept, resample)
+    values = _to_float(part)  # (3, h, w)
+    if kept == (left, top, left + width, top + height):
+        return values
+    padded = np.empty((3, height, width), dtype=np.float32)
+    padded[:] = (np.asarray(prep.pad_fill, dtype=np.float32) / np.float32(255.0))[:, None, None]
+    padded[:, kept[1] - top : kept[3] - top, kept[0] - left : kept[2] - left] = values
+    return padded
 
 
-def _resize_part(image: Image.Image, new_size: tuple[int, int], crop: tuple[int, int, int, int]) -> Image.Image:
-    """``image.resize(new_size).crop(crop)``, resizing only the part the crop keeps: O(crop) work.
+def _resize_part(
+    image: Image.Image, new_size: tuple[int, int], kept: tuple[int, int, int, int], resample: Image.Resampling
+) -> Image.Image:
+    """``image.resize(new_size).crop(kept)``, resizing only the part kept: O(crop) work.
 
     Pillow's ``box`` maps each output pixel to the source point a whole resize would, but rounds the
-    box to float32; that may flip the rounding of a pixel once per pass (horizontal, vertical), so
-    8-bit values differ from the whole resize by at most 2/255.
+    box to float32; that may flip the rounding of a pixel once per pass (horizontal, vertical): 8-bit
+    values differ from the whole resize by at most 2/255 with bilinear; bicubic and lanczos amplify
+    the flips (on pixel noise, under 2% of the values differ by more); nearest may take the
+    neighbouring pixel (under 2%). Float ("F") values differ by under 1e-5.
     """
     new_w, new_h = new_size
     w, h = image.size
-    kept = (max(crop[0], 0), max(crop[1], 0), min(crop[2], new_w), min(crop[3], new_h))
     box = (kept[0] * w / new_w, kept[1] * h / new_h, kept[2] * w / new_w, kept[3] * h / new_h)
-    part = image.resize((kept[2] - kept[0], kept[3] - kept[1]), Image.Resampling.BILINEAR, box=box)
-    if kept == crop:
-        return part
-    padded = Image.new(image.mode, (crop[2] - crop[0], crop[3] - crop[1]))  # zeros, as Image.crop pads
-    padded.paste(part, (kept[0] - crop[0], kept[1] - crop[1]))
-    return padded
+    return image.resize((kept[2] - kept[0], kept[3] - kept[1]), resample, box=box)
+
+
+def _to_float(image: Image.Image) -> np.ndarray:
+    """A picture as (3, H, W) float32 in [0, 1]."""
+    if image.mode == "F":
+        return np.repeat(np.asarray(image, dtype=np.float32)[None], 3, axis=0)
+    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
 
 
 def preprocess(decoded: DecodedImage, prep: Preprocessing) -> np.ndarray:
     """One decoded image -> (3, H, W) float32, normalised."""
-    image = decoded.image
-    if prep.size is not None:
-        image = _resize_and_crop(image, prep.size, prep.resize)
-    if image.mode == "F":
-        pixels = np.repeat(np.asarray(image, dtype=np.float32)[None], 3, axis=0)  # (3, H, W)
-    else:
-        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)  # (3, H, W)
+    pixels = _to_float(decoded.image) if prep.size is None else _resize_and_crop(decoded.image, prep.size, prep)
     mean = np.asarray(prep.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(prep.std, dtype=np.float32)[:, None, None]
-    # C order: the transpose above keeps Pillow's (H, W, C) memory order, and a batch in that order is
-    # channels-last to torch, whose convolutions then round differently from the model's own forward
+    # C order: the transpose in _to_float keeps Pillow's (H, W, C) memory order, and a batch in that order
+    # is channels-last to torch, whose convolutions then round differently from the model's own forward
     # on a contiguous batch (what torch.stack of ToTensor outputs gives)
     return np.ascontiguousarray((pixels - mean) / std, dtype=np.float32)
 

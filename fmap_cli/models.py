@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import math
 import sys
 import zipfile
 from collections import OrderedDict
@@ -29,8 +30,8 @@ from .errors import ModelError, SpecError, UsageError, did_you_mean, first_line
 from .exported import load_program
 from .spec import (
     BUILTIN_MODELS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+    CROP_MODES,
+    INTERPOLATIONS,
     InputSpec,
     LayerSpec,
     ModelSpec,
@@ -293,7 +294,7 @@ def load_model(
             "torchvision:NAME or timm:NAME"
         )
     if library in ("torchvision", "timm"):
-        module, input_spec = _library_model(library, name, pretrained=weights == "pretrained", kwargs=model_args)
+        module, input_spec = _library_model(library, name, weights, model_args)
     else:
         module = _factory_model(library, name, model_args)
         input_spec = InputSpec()
@@ -341,8 +342,13 @@ def _factory_model(location: str, factory: str, kwargs: dict[str, Any]) -> nn.Mo
     return built
 
 
-def _library_model(library: str, name: str, pretrained: bool, kwargs: dict[str, Any]) -> tuple[nn.Module, InputSpec]:
-    """A torchvision or timm model (optional extras), with the input size and normalisation it expects."""
+def _library_model(library: str, name: str, weights: str | None, kwargs: dict[str, Any]) -> tuple[nn.Module, InputSpec]:
+    """A torchvision or timm model (optional extras), with the preprocessing recipe of its weights.
+
+    ``weights`` is --weights: ``pretrained`` loads the library's own (torchvision's DEFAULT), whose
+    recipe is used; with random weights or a file, the recipe is still that of the library's own.
+    """
+    pretrained = weights == "pretrained"
     try:
         lib = importlib.import_module("torchvision.models" if library == "torchvision" else "timm")
     except ImportError:
@@ -350,18 +356,68 @@ def _library_model(library: str, name: str, pretrained: bool, kwargs: dict[str, 
     try:
         if library == "torchvision":
             module = lib.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
-            return module, InputSpec(size=(224, 224), resize=256)
-        module = lib.create_model(name, pretrained=pretrained, **kwargs)
+        else:
+            module = lib.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as exc:  # unknown name, no cached weights offline, bad kwargs
         raise ModelError(f"--model {library}:{name}: {type(exc).__name__}: {first_line(exc)}") from None
+    # the recipe is the library's own weights'; say so when they are not the weights used
+    used = "loaded" if pretrained else f"not loaded: the weights are {'from ' + weights if weights else 'random'}"
+    if library == "torchvision":
+        return module, _torchvision_recipe(lib, name, used)
+    return module, _timm_recipe(module, name, used)
+
+
+def _torchvision_recipe(lib: Any, name: str, used: str) -> InputSpec:
+    """The recipe of torchvision's DEFAULT weights for ``name`` (what --weights pretrained loads):
+    the attributes of their ``transforms()``, an ``ImageClassification`` preset (read, never run)."""
+    weights = lib.get_model_weights(name).DEFAULT
+    preset = weights.transforms()  # an nn.Module holding the recipe; built, not called
+    label = f"{type(weights).__name__}.{weights.name}"
+    if type(preset).__name__ != "ImageClassification":
+        kind = type(preset).__name__  # detection, segmentation, video: not a resize-and-crop recipe
+        return InputSpec(resize=256, recipe=f"fmap default for torchvision models (the recipe of {label} is {kind})")
+    crop, resize = preset.crop_size[0], preset.resize_size[0]
+    interpolation = _known(f"torchvision:{name}", str(preset.interpolation.value))
+    return InputSpec(
+        size=(crop, crop),
+        mean=tuple(preset.mean),
+        std=tuple(preset.std),
+        resize=resize,
+        interpolation=interpolation,
+        recipe=f"torchvision {label}, the model's DEFAULT weights ({used})",
+    )
+
+
+def _known(model: str, interpolation: str, crop_mode: str = "center") -> str:
+    """``interpolation``, when fmap can apply it and ``crop_mode``."""
+    if interpolation not in INTERPOLATIONS or crop_mode not in CROP_MODES:
+        raise ModelError(
+            f"--model {model}: its recipe resizes with {interpolation!r} in crop mode {crop_mode!r}; fmap applies "
+            f"interpolations {', '.join(INTERPOLATIONS)} in crop modes {', '.join(CROP_MODES)}"
+        )
+    return interpolation
+
+
+def _timm_recipe(module: nn.Module, name: str, used: str) -> InputSpec:
+    """The recipe of timm's data config for the model (``resolve_model_data_config``: its
+    ``pretrained_cfg`` with timm's defaults), as timm's eval transforms apply it."""
+    config = importlib.import_module("timm.data").resolve_model_data_config(module)
+    height, width = (int(side) for side in config["input_size"][-2:])
+    crop_pct = float(config["crop_pct"])
+    # timm: scale_size = floor(size / crop_pct) per side; a square one is torchvision's Resize(int) in "center" mode
+    box = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+    mode = config["crop_mode"]
+    resize: int | tuple[int, int] = box[0] if mode == "center" and box[0] == box[1] else box
     cfg = getattr(module, "pretrained_cfg", {}) or {}
-    size = tuple(cfg.get("input_size", (3, 224, 224))[-2:])
-    crop = float(cfg.get("crop_pct", 0.875))
-    return module, InputSpec(
-        size=(int(size[0]), int(size[1])),
-        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-        std=tuple(cfg.get("std", IMAGENET_STD)),
-        resize=int(size[0] / crop),
+    tag = ".".join(part for part in (cfg.get("architecture"), cfg.get("tag")) if part) or name
+    return InputSpec(
+        size=(height, width),
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
+        resize=resize,
+        interpolation=_known(f"timm:{name}", config["interpolation"], mode),
+        crop_mode=mode,
+        recipe=f"timm data config of {tag}, crop_pct {crop_pct} ({used})",
     )
 
 

@@ -20,6 +20,7 @@ from .errors import FmapError, ImageError
 from .geometry import Geometry
 from .images import Preprocessing, decode_image, preprocess
 from .store import schema
+from .store.axes import layer_axes, pictures
 
 ALPHA = 0.8  # opacity of the heat map where the unit fires most
 DIM = 0.6  # the input image is darkened so the heat map stands out
@@ -48,17 +49,7 @@ def upsample(values: np.ndarray, geometry: Geometry, size: tuple[int, int]) -> n
 
 def preprocessing_of(f: h5py.File) -> Preprocessing:
     """The file's ``preprocessing`` record as a :class:`Preprocessing`."""
-    record = json.loads(f.attrs["preprocessing"])
-    steps = {step["step"]: step for step in record["steps"]}
-    size = record["input_size"]
-    shorter = steps.get("resize", {}).get("shorter_side", "cover")
-    return Preprocessing(
-        size=None if size == "native" else (int(size[0]), int(size[1])),
-        mean=tuple(steps["normalize"]["mean"]),
-        std=tuple(steps["normalize"]["std"]),
-        resize=None if shorter == "cover" else int(shorter),
-        background=tuple(steps.get("to_rgb", {}).get("alpha_background", (255, 255, 255))),
-    )
+    return Preprocessing.from_record(json.loads(f.attrs["preprocessing"]))
 
 
 def input_picture(f: h5py.File, n: int) -> np.ndarray:
@@ -115,7 +106,7 @@ def overlay(f: h5py.File, group: h5py.Group, channel: int, n: int) -> Image.Imag
     geometry = Geometry.of(group)
     base = input_picture(f, n).astype(np.float64)  # (H, W, 3)
     ds = role_map(group)
-    values = ds[n, channel].astype(np.float64)
+    values = pictures(ds[n].astype(np.float64), layer_axes(group), None)[channel]  # (rows, columns)
     lo, hi = min(0.0, float(np.nanmin(values))), float(np.nanmax(values))
     heat = upsample(values, geometry, base.shape[:2])
     t = np.clip((heat - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros(heat.shape)

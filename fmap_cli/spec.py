@@ -12,6 +12,7 @@ import json
 import math
 import re
 import tomllib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,12 @@ from .geometry import Geometry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Resampling filters by the names torchvision's InterpolationMode and timm's data configs use; each is
+# Pillow's filter of that name (images.py), which is what torchvision's Resize runs on a PIL image.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
+# How a picture becomes the crop (timm's crop_mode): resize keeping the aspect ratio then crop the
+# centre; resize both sides ignoring it ("squash"); fit the whole picture inside, pad the rest ("border").
+CROP_MODES = ("center", "squash", "border")
 
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "sigmoid", "tanh", "none")
 
@@ -64,13 +71,19 @@ class LayerSpec:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the network is fed: size (H, W), normalisation, resize rule and alpha background."""
+    """What the network is fed: size (H, W), normalisation, resize rule and alpha background, and
+    where these come from (a spec's [input], a library's recipe for the model, or fmap's default)."""
 
     size: tuple[int, int] = (224, 224)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    resize: int | None = None  # shorter side before the centre crop; None = just cover `size`
+    # int: the shorter side before the centre crop (an N x N box for squash/border); (H, W): the box
+    # resized to (see images.Preprocessing); None: just cover `size`
+    resize: int | tuple[int, int] | None = None
     background: tuple[int, int, int] = (255, 255, 255)  # alpha is composited onto this
+    interpolation: str = "bilinear"  # one of INTERPOLATIONS
+    crop_mode: str = "center"  # one of CROP_MODES
+    recipe: str = "fmap default"  # where the values above come from, recorded in the output file
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,7 @@ class ModelSpec:
                 "mean": list(self.input.mean),
                 "std": list(self.input.std),
                 "resize": self.input.resize,
+                "interpolation": self.input.interpolation,
                 "background": list(self.input.background),
             },
             "layers": [
@@ -153,10 +167,17 @@ class _Checker:
     def floats(self, key: str, value: Any, count: int, positive: bool = False) -> tuple[float, ...]:
         ok = isinstance(value, list) and len(value) == count
         ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-        if not ok or (positive and min(value) <= 0):
-            kind = "positive numbers" if positive else "numbers"
+        if not ok or not all(math.isfinite(v) for v in value) or (positive and min(value) <= 0):
+            kind = "positive numbers" if positive else "finite numbers"
             raise self.fail(f"{key} must be a list of {count} {kind}, got {value!r}")
         return tuple(float(v) for v in value)
+
+    def choice(self, key: str, value: Any, choices: Collection[str]) -> str:
+        if value not in choices:
+            hint = did_you_mean(str(value), choices)
+            extra = f" ({hint.strip()})" if hint else ""
+            raise self.fail(f"{key} must be one of {', '.join(choices)}, got {value!r}{extra}")
+        return str(value)
 
     def unknown_keys(self, table: dict[str, Any], allowed: set[str]) -> None:
         for key in table:
@@ -214,7 +235,7 @@ def parse_spec(raw: Any, path: Path, source: str | None = None) -> ModelSpec:
         if not isinstance(model.get(key), str) or not model[key]:
             raise check.fail(f"'{key}' must be a non-empty string")
     check.where = "[input]"
-    input_spec = _parse_input(raw.get("input", {}), check)
+    input_spec = dataclasses.replace(_parse_input(raw.get("input", {}), check), recipe=f"[input] of {source or path}")
     layers = raw.get("layers")
     check.where = ""
     if not isinstance(layers, list) or not layers:
@@ -238,7 +259,7 @@ def parse_spec(raw: Any, path: Path, source: str | None = None) -> ModelSpec:
 def _parse_input(table: Any, check: _Checker) -> InputSpec:
     if not isinstance(table, dict):
         raise check.fail("must be a table")
-    check.unknown_keys(table, {"size", "mean", "std", "resize", "background"})
+    check.unknown_keys(table, {"size", "mean", "std", "resize", "interpolation", "background"})
     default = InputSpec()
     size = check.pair("size", table.get("size", list(default.size)))
     mean = check.floats("mean", table.get("mean", list(default.mean)), 3)
@@ -253,7 +274,8 @@ def _parse_input(table: Any, check: _Checker) -> InputSpec:
         and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in background)
     ):
         raise check.fail(f"background must be a list of three integers 0-255, got {background!r}")
-    return InputSpec(size, mean, std, resize, tuple(background))  # type: ignore[arg-type]
+    interpolation = check.choice("interpolation", table.get("interpolation", default.interpolation), INTERPOLATIONS)
+    return InputSpec(size, mean, std, resize, tuple(background), interpolation)  # type: ignore[arg-type]
 
 
 def _parse_layer(table: Any, check: _Checker, taken: set[str]) -> LayerSpec:
@@ -265,11 +287,7 @@ def _parse_layer(table: Any, check: _Checker, taken: set[str]) -> LayerSpec:
     if name in taken:
         raise check.fail(f"duplicate layer name '{name}'")
     check.where = f"layer '{name}'"
-    layer_type = table.get("type")
-    if layer_type not in LAYER_KEYS:
-        hint = did_you_mean(str(layer_type), LAYER_KEYS)
-        extra = f" ({hint.strip()})" if hint else ""
-        raise check.fail(f"type must be one of {', '.join(LAYER_KEYS)}, got {layer_type!r}{extra}")
+    layer_type = check.choice("type", table.get("type"), LAYER_KEYS)
     required, optional = LAYER_KEYS[layer_type]
     check.unknown_keys(table, COMMON_KEYS | set(required) | set(optional))
     params: dict[str, Any] = {}
@@ -293,11 +311,7 @@ def _parse_layer(table: Any, check: _Checker, taken: set[str]) -> LayerSpec:
         elif key == "eps" and (not isinstance(value, int | float) or isinstance(value, bool) or value <= 0):
             raise check.fail(f"eps must be a positive number, got {value!r}")
         params[key] = value
-    activation = table.get("activation", "none")
-    if activation not in ACTIVATIONS:
-        hint = did_you_mean(str(activation), ACTIVATIONS)
-        extra = f" ({hint.strip()})" if hint else ""
-        raise check.fail(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}{extra}")
+    activation = check.choice("activation", table.get("activation", "none"), ACTIVATIONS)
     slope = table.get("negative_slope", 0.01)
     if not isinstance(slope, int | float) or isinstance(slope, bool):
         raise check.fail(f"negative_slope must be a number, got {slope!r}")

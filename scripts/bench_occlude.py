@@ -59,7 +59,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_model(MODEL)
     net = model.module.eval()
-    prep = preprocessing_for(model.input, (args.size, args.size), False)
+    prep = preprocessing_for(model.input, ModelChoice(size=(args.size, args.size)))
     batch, _ = load_batch([(0, IMAGE)], prep)
     assert batch is not None
     x0 = torch.from_numpy(batch.pixels)  # (1, 3, H, W), normalised

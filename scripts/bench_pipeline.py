@@ -132,7 +132,7 @@ def bench(
     ``layouts``: also time the bare forward and the whole extract with a channels-last batch
     (--memory-format channels_last), each against its own contiguous counterpart."""
     loaded = load_model(model_arg)
-    prep = preprocessing_for(loaded.input, None, False)
+    prep = preprocessing_for(loaded.input, ModelChoice())
     infos = discover(loaded.module, torch.zeros(1, 3, *loaded.input.size))
     names = layers or [n for n, i in infos.items() if i.kind == "linear" and i.nonlinearity != "none"]
     n = len(paths)

@@ -131,7 +131,20 @@ def outdir(tmp_path: Path) -> Path:
     return path
 
 
-MODEL_KEYS = {"model", "weights", "model_args", "layers", "device", "size", "no_resize", "memory_format"}
+MODEL_KEYS = {
+    "model",
+    "weights",
+    "model_args",
+    "layers",
+    "device",
+    "size",
+    "no_resize",
+    "memory_format",
+    "resize",
+    "interpolation",
+    "mean",
+    "std",
+}
 INPUT_KEYS = {"shard", "skip_bad", "batch_size", "workers"}
 CONTINUATION_KEYS = {"overwrite", "resume", "append"}
 

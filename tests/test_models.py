@@ -9,6 +9,8 @@ dependencies and must not be installed).
 from __future__ import annotations
 
 import copy
+import enum
+import functools
 import hashlib
 import json
 import os
@@ -989,8 +991,50 @@ def test_torchvision_and_timm_not_installed(monkeypatch: pytest.MonkeyPatch) -> 
             load_model(f"{library}:resnet18")
 
 
-def fake_torchvision(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any, dict[str, Any]]]:
+class InterpolationMode(enum.Enum):
+    """As torchvision's: the member's value is the name fmap reads."""
+
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+
+
+class ImageClassification:
+    """As torchvision's preset (``transforms/_presets.py``): its keywords kept as attributes, with its defaults."""
+
+    def __init__(
+        self,
+        *,
+        crop_size: int,
+        resize_size: int = 256,
+        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+        std: tuple[float, ...] = (0.229, 0.224, 0.225),
+        interpolation: InterpolationMode = InterpolationMode.BILINEAR,
+    ) -> None:
+        self.crop_size, self.resize_size = [crop_size], [resize_size]
+        self.mean, self.std, self.interpolation = list(mean), list(std), interpolation
+
+
+class ObjectDetection:
+    """As torchvision's detection preset: no resize, crop or normalisation to read."""
+
+
+# The recipe of torchvision's ResNet-18 IMAGENET1K_V1 weights
+CLASSIC_RECIPE = functools.partial(ImageClassification, crop_size=224)
+
+
+def fake_torchvision(
+    monkeypatch: pytest.MonkeyPatch, preset: Callable[[], Any] = CLASSIC_RECIPE
+) -> list[tuple[str, Any, dict[str, Any]]]:
+    """A torchvision whose only model is resnet18 (from tests/zoo.py), with DEFAULT weights
+    ``ResNet18_Weights.IMAGENET1K_V9`` whose ``transforms`` is ``preset``."""
     calls: list[tuple[str, Any, dict[str, Any]]] = []
+
+    class ResNet18_Weights:  # noqa: N801  # torchvision's name
+        name = "IMAGENET1K_V9"
+        transforms = staticmethod(preset)
+        DEFAULT: Any = None
+
+    ResNet18_Weights.DEFAULT = ResNet18_Weights()
 
     def get_model(name: str, weights: Any = None, **kwargs: Any) -> nn.Module:
         calls.append((name, weights, kwargs))
@@ -1000,6 +1044,7 @@ def fake_torchvision(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any, di
 
     package, models = types.ModuleType("torchvision"), types.ModuleType("torchvision.models")
     models.get_model = get_model  # type: ignore[attr-defined]
+    models.get_model_weights = lambda name: ResNet18_Weights  # type: ignore[attr-defined]
     package.models = models  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "torchvision", package)
     monkeypatch.setitem(sys.modules, "torchvision.models", models)

@@ -386,7 +386,9 @@ def fake_libraries(monkeypatch: pytest.MonkeyPatch, models: Path) -> None:
     crafted = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(crafted)
     tv, tv_models = types.ModuleType("torchvision"), types.ModuleType("torchvision.models")
-    weights = types.SimpleNamespace(DEFAULT=types.SimpleNamespace(meta={"categories": ["cat", "square", "other"]}))
+    categories = {"categories": ["cat", "square", "other"]}
+    # transforms: no ImageClassification recipe, so fmap's default preprocessing (--size is given below)
+    weights = types.SimpleNamespace(DEFAULT=types.SimpleNamespace(meta=categories, name="V1", transforms=object))
     tv_models.get_model = lambda name, weights=None, **kw: crafted.region_classifier()  # type: ignore[attr-defined]
     tv_models.get_model_weights = lambda name: weights  # type: ignore[attr-defined]
     tv.models = tv_models  # type: ignore[attr-defined]
@@ -406,6 +408,8 @@ def fake_libraries(monkeypatch: pytest.MonkeyPatch, models: Path) -> None:
     timm, timm_data = types.ModuleType("timm"), types.ModuleType("timm.data")
     timm.create_model = create_model  # type: ignore[attr-defined]
     timm_data.infer_imagenet_subset = lambda model: "imagenet-3"  # type: ignore[attr-defined]
+    recipe = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center", "mean": MEAN, "std": STD}
+    timm_data.resolve_model_data_config = lambda model: {**recipe, **model.pretrained_cfg}  # type: ignore[attr-defined]
     timm_data.ImageNetInfo = ImageNetInfo  # type: ignore[attr-defined]
     timm.data = timm_data  # type: ignore[attr-defined]
     for name, module in (("torchvision", tv), ("torchvision.models", tv_models), ("timm", timm),

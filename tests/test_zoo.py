@@ -11,6 +11,7 @@ CI never installs them). Small inputs where a model allows; ViT, Swin and MaxViT
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,12 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 from conftest import make_photo
+from PIL import Image
 from test_replicas import recorded
 from torch import nn
 
 from fmap_cli.cli import cli
+from fmap_cli.models import parse_model_args
 
 try:
     import timm
@@ -162,3 +165,61 @@ def test_zoo_model(model: str, tmp_path: Path) -> None:
     print(f"\nZOO {model}: {len(names)} layers, {checked}/{stored} maps recomputed by hooks, {seconds:.1f} s")
     print(f"ZOO {model}: {verified}")
     assert checked > 0
+
+
+# The model's own preprocessing (issue 10, section 1): fmap's /input for a model given without --size is
+# what the library's own eval transforms make of the same picture. Random weights (nothing downloaded):
+# the recipe is that of the model's DEFAULT weights / timm data config, read from metadata.
+# (model, first layer, --model-arg or None)
+RECIPES: list[tuple[str, str, str | None]] = [
+    ("torchvision:resnet50", "conv1", None),  # IMAGENET1K_V2: resize 232, crop 224
+    ("torchvision:efficientnet_b0", "features.0.0", None),  # bicubic
+    ("torchvision:inception_v3", "Conv2d_1a_3x3.conv", None),  # resize 342, crop 299
+    ("torchvision:vit_b_16", "conv_proj", None),
+    ("timm:vit_tiny_patch16_224", "patch_embed.proj", None),  # mean = std = 0.5, bicubic, crop_pct 0.9
+    ("timm:tf_efficientnetv2_b3", "conv_stem", None),  # crop_mode squash, 240 px, crop_pct 0.9
+    ("timm:resnet18", "conv1", 'pretrained_cfg_overlay={"crop_mode": "border", "crop_pct": 0.9}'),
+]
+# (H, W): landscape, portrait (both shrunk), and one smaller than every crop (enlarged)
+PICTURES = [(300, 451), (517, 333), (120, 90)]
+
+
+def library_transform(model: str, module: nn.Module) -> Any:
+    """The library's own eval transform for the model's recipe (its DEFAULT weights / data config)."""
+    library, name = model.split(":")
+    if library == "torchvision":
+        return tvm.get_model_weights(name).DEFAULT.transforms()
+    return timm.data.create_transform(**timm.data.resolve_model_data_config(module))
+
+
+@pytest.mark.parametrize(("model", "layer", "model_arg"), RECIPES)
+def test_input_is_the_library_transform(model: str, layer: str, model_arg: str | None, tmp_path: Path) -> None:
+    paths = []
+    for index, (height, width) in enumerate(PICTURES):
+        paths.append(tmp_path / f"img{index}.png")
+        make_photo(height, width, seed=index).save(paths[-1])
+    out = tmp_path / "out.h5"
+    extra = ("--model-arg", model_arg) if model_arg else ()
+    result = invoke(
+        "extract", *paths, "--model", model, *extra, "--layers", layer, "--device", "cpu", "--save-input", "-o", out
+    )
+    assert result.exit_code == 0, result.output
+    library, name = model.split(":")
+    kwargs = parse_model_args([model_arg] if model_arg else [])
+    module = tvm.get_model(name) if library == "torchvision" else timm.create_model(name, **kwargs)
+    transform = library_transform(model, module)
+    with h5py.File(out, "r") as f:
+        record = json.loads(f.attrs["preprocessing"])
+        fed = f["input"][()]
+    std = record["steps"][-1]["std"]
+    bound = (1 / 255) / min(std)
+    for path, got in zip(paths, fed, strict=True):
+        with Image.open(path) as picture:
+            expected = transform(picture.convert("RGB")).numpy()
+        assert got.shape == expected.shape, (path, record)
+        worst = float(np.abs(got - expected).max())
+        print(f"\nRECIPE {model} {path.name}: max |fmap - library| = {worst:.3g} (bound {bound:.3g})")
+        assert worst <= bound, (path, record)
+    resize = next(step for step in record["steps"] if step["step"] == "resize")
+    print(f"RECIPE {model}: {record['recipe']['source']}; {resize}")
+    assert "not loaded: the weights are random" in record["recipe"]["source"]
