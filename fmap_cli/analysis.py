@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from .store import schema
+from .store.axes import channels_first, channels_first_order, layer_axes
 from .store.stats import SUMMARY, ChannelStats, image_stats
 
 SCAN_BYTES = 8 << 20  # one block of a map read at a time
@@ -99,12 +100,15 @@ def blocks(shape: tuple[int, ...], chunks: tuple[int, ...] | None, itemsize: int
 
 def scan_layer(group: h5py.Group) -> LayerStats:
     """Compute :class:`LayerStats` from the maps themselves, block by block, with the writer's
-    own accumulators (so a scan and write-time statistics agree)."""
+    own accumulators (so a scan and write-time statistics agree), over the maps' channel axis."""
     z = group[schema.PREACTIVATION]
     a = group.get(schema.ACTIVATION)
     maps = {schema.PREACTIVATION: z} | ({schema.ACTIVATION: a} if a is not None else {})
     role = schema.ACTIVATION if a is not None else schema.PREACTIVATION
-    n, c = z.shape[:2]
+    axes = layer_axes(group)
+    order = channels_first_order(axes)
+    first = order == list(range(z.ndim))  # channels first as stored: blocks of channels can be read
+    n, c = z.shape[0], z.shape[order[1]]
     per_image = {
         "image_max": np.zeros((n, c), dtype=np.float32),
         "image_mean": np.zeros((n, c), dtype=np.float32),
@@ -112,9 +116,10 @@ def scan_layer(group: h5py.Group) -> LayerStats:
         "image_argmax": np.zeros((n, c, 2), dtype=np.int64),
     }
     running: dict[tuple[str, int], tuple[slice, ChannelStats]] = {}  # (role, first channel) -> block
-    for ns, cs in blocks(z.shape, z.chunks, z.dtype.itemsize):
+    shape = tuple(z.shape[i] for i in order)
+    for ns, cs in blocks(shape, z.chunks if first else None, z.dtype.itemsize):
         for name, ds in maps.items():
-            block = ds[ns, cs]  # (n, c, H, W) or (n, c)
+            block = ds[ns, cs] if first else channels_first(ds[ns], axes)[:, cs]  # (n, c, ...)
             _, acc = running.setdefault((name, cs.start), (cs, ChannelStats.empty(cs.stop - cs.start)))
             acc.update(block)
             if name == role:

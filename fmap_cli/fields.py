@@ -38,13 +38,23 @@ class Field:
     """Where the elements of one tensor look in the input image."""
 
     geometry: Geometry | None  # None: unknown (``reason`` says why)
-    axes: tuple[int, int] | None = None  # dims of rows and columns; None: flat, every element sees one box
+    # dims of rows and columns (also when the geometry is unknown); None: flat, every element sees one box
+    axes: tuple[int, int] | None = None
     merged: int | None = None  # unknown, but this dim runs over every image position (rows x columns)
     reason: str = ""
+    # along ``merged``: (prefix, rows, columns): ``prefix`` tokens not from the image (a class token),
+    # then a rows x columns grid of positions, row-major, to the dim's end; None: not known
+    tokens: tuple[int, int, int] | None = None
 
     @classmethod
-    def unknown(cls, reason: str, merged: int | None = None) -> Field:
-        return cls(None, None, merged, reason)
+    def unknown(
+        cls,
+        reason: str,
+        merged: int | None = None,
+        tokens: tuple[int, int, int] | None = None,
+        axes: tuple[int, int] | None = None,
+    ) -> Field:
+        return cls(None, axes, merged, reason, tokens if merged is not None else None)
 
 
 IMAGE = Field(Geometry(), (2, 3))  # the input (N, C, H, W): every pixel sees itself
@@ -112,10 +122,42 @@ def after_op(
     if found is not None:
         return found
     if name in _ATTENTION_OPS:
-        return op.each(Field.unknown(ATTENTION))
+        return op.each(_attended(op))
     reasons = [f.reason for t in tensors(inputs) if (f := lookup(t)) is not None and f.geometry is None]
     reason = reasons[0] if reasons else f"'{name}' moves values between positions in a way fmap does not follow"
-    return op.each(Field.unknown(reason))
+    return op.each(_layout_kept(op, reason))
+
+
+def _layout_kept(op: Op, reason: str) -> Field:
+    """An op no rule follows: its field is unknown, but where the output keeps its map operand's
+    rows and columns (or tokens) as they were, those dims still hold them (e.g. ``torch.roll``)."""
+    x = _first_map(op)
+    field = op.lookup(x)
+    out = op.outputs[0]
+    if x is None or field is None or out.dim() != x.dim():
+        return Field.unknown(reason)
+    dims = field.axes or ((field.merged,) if field.merged is not None else ())
+    if not dims or any(out.shape[d] != x.shape[d] for d in dims):
+        return Field.unknown(reason)
+    return Field.unknown(reason, field.merged, None, field.axes)  # tokens may have moved: not known
+
+
+def _first_map(op: Op) -> torch.Tensor | None:
+    """The op's first tensor argument that depends on the image."""
+    return next((t for t in tensors(op.args) if op.lookup(t) is not None), None)
+
+
+def _attended(op: Op) -> Field:
+    """Attention's output: unknown, but still a token sequence along the query's token dim (each
+    output token is its query token's, so the tokens keep their order)."""
+    query = op.args[0] if op.args and isinstance(op.args[0], torch.Tensor) else None
+    field = op.lookup(query)
+    out = op.outputs[0]
+    if query is None or field is None or field.merged is None or out.dim() != query.dim():
+        return Field.unknown(ATTENTION)
+    if out.shape[field.merged] != query.shape[field.merged]:
+        return Field.unknown(ATTENTION)
+    return Field.unknown(ATTENTION, field.merged, field.tokens)
 
 
 # ------------------------------------------------------------------------------------------ rules
@@ -163,6 +205,8 @@ def _source(op: Op, index: int = 0) -> tuple[torch.Tensor, Field]:
 def _window(op: Op) -> Found:
     """Convolution or pooling over the last two dims of a (N, C, H, W) map."""
     x, field = _source(op)
+    if field.geometry is None and field.axes == (2, 3) and x.dim() == 4:
+        return op.each(Field.unknown(field.reason, axes=(2, 3)))
     if field.geometry is None or field.axes != (2, 3) or x.dim() != 4:
         return None
     if any(op.lookup(t) is not None for t in tensors(op.args[1:])):
@@ -192,7 +236,7 @@ def _adaptive(op: Op) -> Found:
     """Adaptive pooling: the whole image for global pooling, else a window where the sizes divide."""
     x, field = _source(op)
     if field.geometry is None or field.axes is None:
-        return None
+        return None if field.axes is None else op.each(Field.unknown(field.reason, axes=field.axes))
     out = op.outputs[0]
     sizes = [(x.shape[axis], out.shape[axis]) for axis in field.axes]  # (in, out) along rows, columns
     if sizes[0][1] == 1 and sizes[1][1] == 1:
@@ -285,6 +329,8 @@ def combine(operands: Sequence[tuple[torch.Tensor, Field | None]], out: torch.Te
     axes: tuple[int, int] | None = None
     merged: set[int] = set()
     unknown: list[Field] = []
+    tokens: set[tuple[int, int, int] | None] = set()
+    placed: set[tuple[int, int]] = set()  # rows and columns of unknown operands that keep them
     for t, field in operands:
         if field is None:
             continue
@@ -292,6 +338,9 @@ def combine(operands: Sequence[tuple[torch.Tensor, Field | None]], out: torch.Te
         if field.geometry is None:
             unknown.append(field)
             merged.add(field.merged + shift if field.merged is not None else -1)
+            tokens.add(field.tokens if field.merged is not None and t.shape[field.merged] > 1 else None)
+            if field.axes is not None:
+                placed.add((field.axes[0] + shift, field.axes[1] + shift))
         elif field.axes is None:  # flat: the same box for every element it reaches
             parts.append((field.geometry, (1, 1)))
         else:
@@ -303,7 +352,12 @@ def combine(operands: Sequence[tuple[torch.Tensor, Field | None]], out: torch.Te
     if unknown:  # still a token sequence if every operand is one, along the same dim
         along = merged.pop() if len(merged) == 1 and not parts else -1
         reasons = [f.reason for f in unknown]
-        return Field.unknown(ATTENTION if ATTENTION in reasons else reasons[0], along if along >= 0 else None)
+        known = tokens.pop() if len(tokens) == 1 else None  # a broadcast single token adds nothing
+        reason = ATTENTION if ATTENTION in reasons else reasons[0]
+        layout = placed | ({axes} if axes is not None else set())  # operands without a layout do not veto
+        if len(layout) == 1 and along < 0:
+            return Field.unknown(reason, axes=layout.pop())
+        return Field.unknown(reason, along if along >= 0 else None, known)
     if not parts:
         return None
     if axes is None:  # only flat operands: the union of their boxes
@@ -415,9 +469,12 @@ def _reshape(op: Op) -> Found:
     """A reshape keeps the spatial dims it leaves whole; merging them loses where units are."""
     x, field = _source(op)
     before, after = tuple(x.shape), tuple(op.outputs[0].shape)
+    if field.geometry is None and field.axes is not None:
+        return op.each(_merging(field, before, after, field.reason))
     if field.geometry is None:
         how, j = follow_reshape(before, after, field.merged) if field.merged is not None else ("split", -1)
-        return op.each(Field.unknown(field.reason, j if how in ("kept", "merged") else None))
+        return op.each(Field.unknown(field.reason, j if how in ("kept", "merged") else None,
+                                     field.tokens if how == "kept" else None))  # fmt: skip
     if field.axes is None:  # flat: (N, C) -> (N, C, 1, 1) makes a map of one unit
         if len(after) >= 3 and after[-2:] == (1, 1) and before[-2:] != (1, 1):
             geo = Geometry(field.geometry.field, op.image, field.geometry.start)
@@ -428,8 +485,20 @@ def _reshape(op: Op) -> Found:
         return op.each(Field(field.geometry, (h, w)))
     if how_h == how_w == "dropped":  # a map of one unit: its box, for every element
         return op.each(Field(flat(field.geometry)))
+    return op.each(_merging(field, before, after, MERGED))
+
+
+def _merging(field: Field, before: tuple[int, ...], after: tuple[int, ...], reason: str) -> Field:
+    """A reshape of a map whose rows and columns are ``field.axes``: they stay (geometry unknown), merge
+    into one token dim (a row-major grid when rows came just before columns), or are lost."""
+    assert field.axes is not None
+    (how_h, h), (how_w, w) = (follow_reshape(before, after, axis) for axis in field.axes)
+    if how_h == how_w == "kept":
+        return Field.unknown(reason, axes=(h, w))
     merged = h if how_h in ("kept", "merged") and how_w in ("kept", "merged") and h == w else None
-    return op.each(Field.unknown(MERGED, merged))
+    rows, cols = before[field.axes[0]], before[field.axes[1]]
+    grid = merged is not None and field.axes[1] == field.axes[0] + 1 and after[merged] == rows * cols
+    return Field.unknown(reason, merged, (0, rows, cols) if grid else None)
 
 
 def _shifted(field: Field, dim: int, offset: int, step: int = 1) -> Field:
@@ -514,7 +583,11 @@ def _indexed(op: Op, field: Field, x: torch.Tensor, index: tuple[Any, ...]) -> F
     for rest in range(dim, x.dim()):
         kept[rest], new = new, new + 1
     if field.geometry is None:
-        return op.each(Field.unknown(field.reason, kept.get(field.merged) if field.merged is not None else None))
+        if field.axes is not None and field.axes[0] in kept and field.axes[1] in kept:
+            return op.each(Field.unknown(field.reason, axes=(kept[field.axes[0]], kept[field.axes[1]])))
+        if field.merged is None or field.merged not in kept:
+            return op.each(Field.unknown(field.reason))
+        return op.each(Field.unknown(field.reason, kept[field.merged], _sliced(field, x, index)))
     if field.axes is None:
         return op.each(field)
     h, w = field.axes
@@ -523,6 +596,21 @@ def _indexed(op: Op, field: Field, x: torch.Tensor, index: tuple[Any, ...]) -> F
     if h in points and w in points:  # one unit: its box, for every element
         return op.each(Field(flat(Geometry(field.geometry.field, (0, 0), field.geometry.centre(points[h], points[w])))))
     return None
+
+
+def _sliced(field: Field, x: torch.Tensor, index: tuple[Any, ...]) -> tuple[int, int, int] | None:
+    """The tokens left by slicing the token dim: known when the slice drops only prefix tokens."""
+    dims = [i for i in index if i is not None]
+    if field.merged is None or field.tokens is None:
+        return None
+    item = dims[field.merged] if field.merged < len(dims) else slice(None)
+    if not isinstance(item, slice):
+        return None
+    first, stop, step = item.indices(x.shape[field.merged])
+    prefix, rows, cols = field.tokens
+    if step != 1 or first > prefix or stop != x.shape[field.merged]:
+        return None
+    return (prefix - first, rows, cols)
 
 
 @_rule("split", "split_with_sizes", "unsafe_split", "chunk", "tensor_split", "unbind")
@@ -563,7 +651,11 @@ def _cat(op: Op) -> Found:
         offset = sum(t.shape[dim] for t in parts[: known[0][0]])  # constants before it (padding by cat)
         return op.each(_shifted(known[0][1], dim, -offset))
     if any(f.merged == dim for _, f in known):  # more tokens (a class token): still a token sequence
-        return op.each(Field.unknown(known[0][1].reason or MERGED, dim))
+        field = known[0][1]
+        before = sum(t.shape[dim] for t in parts[: known[0][0]])  # constant tokens put first
+        last = len(known) == 1 and known[0][0] == len(parts) - 1
+        tokens = (field.tokens[0] + before, *field.tokens[1:]) if field.tokens and last else None
+        return op.each(Field.unknown(field.reason or MERGED, dim, tokens))
     combined = combine([(out, f) for _, f in known], out)
     return None if combined is None else op.each(combined)
 

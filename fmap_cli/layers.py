@@ -74,6 +74,12 @@ def layer_records(model: LoadedModel, layers: dict[str, LayerInfo], names: Seque
     records = []
     for name in names:
         info = layers[name]
+        if len(info.axes) != len(info.output_shape) + 1:
+            shape = "x".join(str(n) for n in info.output_shape)
+            raise UsageError(
+                f"layer '{name}': its maps ({shape} per image) have {len(info.output_shape) + 1} axes; fmap stores "
+                "maps of 2 to 4 axes (N, C and up to two more); choose other layers with --layers"
+            )
         source, via = provenance(layers, name, stored)
         via = " -> ".join(v for v in via.split(" -> ") if v in visible) if via else ""
         if model.spec is not None:
@@ -99,6 +105,9 @@ def layer_records(model: LoadedModel, layers: dict[str, LayerInfo], names: Seque
                 receptive_field_stride=info.stride,
                 receptive_field_start=info.start,
                 channel_descriptions=descriptions,
+                axes=info.axes,
+                tokens=info.tokens,
+                field_note=info.field_note,
             )
         )
     return records

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 
 from . import fields
+from .axes import detect
+from .store.axes import Axes, Tokens
 
 # Nonlinearities by op name (in-place variants end in "_", aten names end in ".default").
 NONLINEAR_OPS = {
@@ -102,6 +104,8 @@ class LayerInfo:
     stride: tuple[int, int] = (-1, -1)
     start: tuple[float, float] = (float("nan"), float("nan"))
     field_note: str = ""  # why the receptive field is unknown (-1), in words
+    axes: Axes = ()  # names of the output's axes, N first ("N,H,W,C"...): see axes.py
+    tokens: Tokens | None = None  # what the token axis T holds (token maps only)
     input_tags: list[tuple[str, str]] = field(default_factory=list)  # (layer, role) of the input tensor
 
     @property
@@ -423,6 +427,9 @@ class Recorder:
 
     def _set_geometry(self, info: LayerInfo, t: torch.Tensor) -> None:
         field = self._fields.get(t)
+        source = self.layers.get(info.input_tags[-1][0]) if info.input_tags else None
+        upstream = ((t.shape[0], *source.output_shape), source.axes, source.tokens) if source and source.axes else None
+        info.axes, info.tokens = detect(field, tuple(t.shape), info.type, upstream)
         if field is None or field.geometry is None:
             info.receptive_field, info.stride, info.start = (-1, -1), (-1, -1), (float("nan"), float("nan"))
             info.field_note = field.reason if field is not None else fields.CONSTANT

@@ -20,6 +20,7 @@ from .errors import FmapError, UsageError, did_you_mean
 from .receptive import overlay, top_patches
 from .store import schema
 from .store.atomic import AtomicOutput, check_target
+from .store.axes import layer_axes, layer_tokens, pictures
 from .store.layout import file_kind
 from .store.reader import check_channel, layer_group, printable, reading
 
@@ -246,8 +247,11 @@ def grid(f: h5py.File, group: h5py.Group, n: int, role: str | None, scale: str) 
     wanted = {"activation": [schema.ACTIVATION], "preactivation": [schema.PREACTIVATION]}.get(
         role, [schema.PREACTIVATION, schema.ACTIVATION]
     )
-    maps = {r: group[r][n].astype(np.float64) for r in wanted}  # role -> (C, H, W) or (C,)
-    maps = {r: m.reshape(m.shape[0], *(m.shape[1:] or (1, 1))) for r, m in maps.items()}
+    axes, tokens = layer_axes(group), layer_tokens(group)
+    try:  # role -> (C, rows, columns) along the maps' own axes
+        maps = {r: pictures(group[r][n].astype(np.float64), axes, tokens) for r in wanted}
+    except ValueError as exc:
+        raise UsageError(f"layer '{printable(name)}': {exc}; fmap render draws maps on the image grid") from None
     channels, h, w = next(iter(maps.values())).shape
     dead = layer_stats(group).dead if has_a else np.zeros(channels, dtype=bool)
     layout = GridLayout.fit(channels, (h, w), len(maps))

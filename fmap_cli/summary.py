@@ -19,8 +19,9 @@ import numpy as np
 from .analysis import ChannelSummary, LayerStats, histogram, layer_stats, top_images
 from .errors import UsageError
 from .store import schema
+from .store.axes import layer_axes
 from .store.layout import file_kind
-from .store.reader import check_channel, layer_group, missing_sources, printable, reading
+from .store.reader import channel_count, check_channel, layer_group, missing_sources, printable, reading
 
 if TYPE_CHECKING:  # imported when a projection file is read (it loads Pillow)
     from .occlusion_views import OcclusionSummary
@@ -82,6 +83,10 @@ class LayerSummary:
     input: str
     input_via: str
     shape: list[int]
+    axes: list[str]  # the name of each axis of shape, N first (C, or D for tokens, is the channels')
+    n_channels: int  # length of the channel axis
+    tokens: str  # what the token axis T holds (token maps only), else ""
+    field_note: str  # why the receptive field is unknown, when it is ("" when known)
     dtype: str
     bytes_on_disk: int
     bytes_raw: int
@@ -256,6 +261,7 @@ def _map_bytes(f: h5py.File) -> int:
 def _layer_summary(group: h5py.Group, name: str, paths: list[str], details: Details) -> LayerSummary:
     stats = layer_stats(group)
     maps = [group[role] for role in (schema.PREACTIVATION, schema.ACTIVATION) if role in group]
+    unknown = int(np.asarray(group.attrs.get("receptive_field", (0, 0)))[0]) < 0
     on_disk, raw = _storage_bytes(*maps)
     a_role = stats.role == schema.ACTIVATION
     zeros = stats.image_zero_fraction
@@ -266,6 +272,10 @@ def _layer_summary(group: h5py.Group, name: str, paths: list[str], details: Deta
         input=_text(group.attrs.get("input", "?")),
         input_via=_text(group.attrs.get("input_via", "")),
         shape=list(maps[0].shape),
+        axes=list(layer_axes(group)),
+        n_channels=channel_count(group),
+        tokens=_text(group.attrs.get("tokens", "")),
+        field_note=_text(group.attrs.get("receptive_field_note", "unknown")) if unknown else "",
         dtype=str(maps[0].dtype),
         bytes_on_disk=on_disk,
         bytes_raw=raw,
@@ -388,7 +398,7 @@ def format_summary(summary: FileSummary | ProjectionSummary | OcclusionSummary) 
 def _layer_lines(layer: LayerSummary) -> list[str]:
     shape = "x".join(str(n) for n in layer.shape)
     lines = [
-        f"  {layer.name}  {layer.type} -> {layer.nonlinearity}  {shape} {layer.dtype}  "
+        f"  {layer.name}  {layer.type} -> {layer.nonlinearity}  {shape} ({','.join(layer.axes)}) {layer.dtype}  "
         + (
             f"{_size(layer.bytes_on_disk)} on disk ({layer.compression_ratio:.2f}x)"
             if layer.bytes_on_disk
@@ -396,15 +406,19 @@ def _layer_lines(layer: LayerSummary) -> list[str]:
         )
         + f"  input: {layer.input}"
         + (f" via {layer.input_via}" if layer.input_via else ""),
-        _stats_line("z", schema.PREACTIVATION, layer.preactivation),
     ]
+    if layer.tokens:
+        lines.append(f"    tokens (T): {layer.tokens}")
+    if layer.field_note:
+        lines.append(f"    receptive field unknown: {layer.field_note}")
+    lines.append(_stats_line("z", schema.PREACTIVATION, layer.preactivation))
     if layer.activation is None:
         lines.append("    a (none: no nonlinearity follows this layer)")
     else:
         lines.append(_stats_line("a", schema.ACTIVATION, layer.activation))
         dead = layer.dead_channels
         listed = ", ".join(str(c) for c in dead[:20]) + (", ..." if len(dead) > 20 else "")
-        lines.append(f"    dead channels: {len(dead)}/{layer.shape[1]}" + (f" ({listed})" if dead else ""))
+        lines.append(f"    dead channels: {len(dead)}/{layer.n_channels}" + (f" ({listed})" if dead else ""))
     if layer.channels is not None:
         lines += _channel_lines(layer.channels)
     if layer.top is not None:

@@ -515,7 +515,7 @@ def test_inspect_summarises_a_projection_file(all_layers_file: Path, tmp_path: P
     out = run_project(all_layers_file, tmp_path / "p.h5", "--layer", "conv1", "--channel", c)
     text = ok(invoke("inspect", out)).stdout
     lines = text.splitlines()
-    assert lines[0].startswith(f"{out}: fmap projection file, schema v2, written by fmap ")
+    assert lines[0].startswith(f"{out}: fmap projection file, schema v{schema.SCHEMA_VERSION}, written by fmap ")
     assert lines[1].startswith(f"source: {all_layers_file} (input list ")
     assert lines[3] == (f"projection: deconvnet of layer conv1 channel {c}: 3 x 3x20x24 (one unit each), in the "
                         "network's input space; receptive field 3x3")  # fmt: skip

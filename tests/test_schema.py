@@ -110,8 +110,11 @@ def test_every_schema_node_and_attribute_is_present_with_its_dtype(which: str, r
                     assert isinstance(obj, h5py.Group), name
                 else:
                     assert isinstance(obj, h5py.Dataset), name
-                    ndim = len([part for part in node.shape.strip("()").split(",") if part.strip()])
-                    assert obj.ndim == ndim, (name, obj.shape, node.shape)
+                    if node.shape.startswith("(N, ...)"):  # a map: as many axes as it names
+                        assert obj.ndim == len(obj.attrs["axes"].split(",")), (name, obj.shape, obj.attrs["axes"])
+                    else:
+                        ndim = len([part for part in node.shape.strip("()").split(",") if part.strip()])
+                        assert obj.ndim == ndim, (name, obj.shape, node.shape)
                     if node.shape.startswith("(N"):
                         assert obj.shape[0] == n, (name, obj.shape, node.shape)
                     if node.dtype == "str":
@@ -132,7 +135,7 @@ def test_root_attribute_values(full_file: Path, tiny_model: Path) -> None:
     with h5py.File(full_file, "r") as f:
         attrs = f.attrs
         assert attrs["complete"] == 1 and attrs["complete"].dtype == np.int8
-        assert attrs["fmap_schema_version"] == SCHEMA_VERSION == 2
+        assert attrs["fmap_schema_version"] == SCHEMA_VERSION == 3
         assert isinstance(attrs["fmap_schema_version"], np.integer)
         created = datetime.fromisoformat(attrs["created"])
         assert created.utcoffset() == timedelta(0)
@@ -297,7 +300,7 @@ def test_schema_json_lists_every_node_with_types() -> None:
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     assert printed["fmap_schema_version"] == SCHEMA_VERSION
-    assert printed["readable_versions"] == [1, 2]
+    assert printed["readable_versions"] == [1, 2, 3]
     assert list(printed["kinds"]) == list(schema.KINDS)
     maps = printed["kinds"]["maps"]
     assert [node["path"] for node in maps] == [node.path for node in SCHEMA]
@@ -308,8 +311,9 @@ def test_schema_json_lists_every_node_with_types() -> None:
         "dtype": "int32",
         "shape": "(N, C, 2)",
         "required": True,
-        "description": "Per image and channel: (row, col) of image_max in the map (the first, row-major); int64 in "
-        "schema version 1.",
+        "description": "Per image and channel: (row, col) of image_max in the channel's map (the first, row-major): "
+        "along H and W whatever their order among the axes; for maps with one axis besides the channels (T, L), "
+        "(index, 0); for flat maps (0, 0). int64 in schema version 1.",
         "attributes": [],
     }
     storage = next(a for a in by_path["/"]["attributes"] if a["name"] == "storage")

@@ -62,11 +62,11 @@ def test_whole_text_report(tmp_path: Path) -> None:
         "  [0] img0.png  (32x32)\n"
         "  [1] img1.png  (32x32)\n"
         "layers:\n"
-        "  conv  conv2d -> relu  2x2x2x2 float32  128 B on disk (1.00x)  input: input\n"
+        "  conv  conv2d -> relu  2x2x2x2 (N,C,H,W) float32  128 B on disk (1.00x)  input: input\n"
         "    z preactivation  min         -3  max          3  mean     -0.625  std        1.9  negatives  62.5%\n"
         "    a activation     min          0  max          3  mean     0.5625  std     0.9333  zeros  68.8%\n"
         "    dead channels: 1/2 (1)\n"
-        "  pool  conv2d -> none  2x1x1x1 float32  8 B on disk (1.00x)  input: input\n"
+        "  pool  conv2d -> none  2x1x1x1 (N,C,H,W) float32  8 B on disk (1.00x)  input: input\n"
         "    z preactivation  min         -5  max          5  mean          0  std          5  negatives  50.0%\n"
         "    a (none: no nonlinearity follows this layer)\n"
     )
@@ -89,7 +89,7 @@ def test_stored_text_is_printed_with_control_characters_escaped(tmp_path: Path) 
         "  [0] \\x1b]0;pwned\\x07a.png  (32x32)",
         "  [1] b\\x1b[2J\\x9b\\x7f\\x0a.png  (32x32)",
     ]
-    assert lines[7].startswith("  c\\x1bv  conv2d -> relu  2x2x2x2 float32")
+    assert lines[7].startswith("  c\\x1bv  conv2d -> relu  2x2x2x2 (N,C,H,W) float32")
     assert "         0: 3 [1] b\\x1b[2J\\x9b\\x7f\\x0a.png" in lines
     assert not CONTROL.search(result.stdout)
     data = json.loads(fmap("inspect", path, "--json").stdout)  # JSON escapes them itself

@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import __version__
 from . import schema
+from .axes import Axes, Tokens, channel_axis, default_axes, joined
 from .chunks import chunk_shape, describe_compressors
 
 STR = h5py.string_dtype("utf-8")
@@ -70,6 +71,19 @@ class LayerRecord:
     receptive_field_stride: tuple[int, int]
     receptive_field_start: tuple[float, float]
     channel_descriptions: tuple[str, ...] = ()
+    axes: Axes = ()  # names of the maps' axes, N first (see schema.AXES); () = channels first
+    tokens: Tokens | None = None  # what the token axis T holds (token maps only)
+    field_note: str = ""  # why the receptive field is unknown, in words
+
+    @property
+    def map_axes(self) -> Axes:
+        """The maps' axes, N included."""
+        return self.axes or default_axes(len(self.output_shape) + 1)
+
+    @property
+    def channels(self) -> int:
+        """Length of the channel axis (C, or D for tokens)."""
+        return self.output_shape[channel_axis(self.map_axes) - 1]
 
     @property
     def has_activation(self) -> bool:
@@ -204,8 +218,9 @@ def create_layout(
                                ("index", np.int64, ())):  # fmt: skip
         growing(images, name, shape, dtype, keep)
     if input_shape is not None:
-        _create_scales(f, input_shape, keep)
-        _create_map(f, schema.INPUT, input_shape, (None, 0), np.dtype(np.float32), keep)
+        _create_scales(f, input_shape, schema.DIM_NAMES, keep)
+        pixels = _create_map(f, schema.INPUT, input_shape, schema.DIM_NAMES, (None, 0), np.dtype(np.float32), keep)
+        set_attrs(pixels, axes=joined(schema.DIM_NAMES))
     group = create_group(f, schema.LAYERS, keep)
     for layer in layers:
         _create_layer(group, layer, storage, keep)
@@ -234,21 +249,30 @@ def _create_layer(parent: h5py.Group, layer: LayerRecord, storage: Storage, keep
         set_attrs(group, note=schema.NO_ACTIVATION_NOTE)
     if layer.channel_descriptions:
         set_attrs(group, channel_descriptions=layer.channel_descriptions)
-    _create_scales(group, layer.output_shape, keep)
+    if layer.field_note:
+        set_attrs(group, receptive_field_note=layer.field_note)
+    if layer.tokens is not None:
+        set_attrs(group, tokens=layer.tokens.describe())
+        if layer.tokens.prefix is not None and layer.tokens.grid is not None:
+            set_attrs(group, token_prefix=layer.tokens.prefix, token_grid=layer.tokens.grid)
+    axes = layer.map_axes
+    _create_scales(group, layer.output_shape, axes, keep)
     dtype = np.dtype(storage.dtype)
     if storage.stores(layer, schema.PREACTIVATION):
-        z = _create_map(group, schema.PREACTIVATION, layer.output_shape, storage.preactivation, dtype, keep)
+        z = _create_map(group, schema.PREACTIVATION, layer.output_shape, axes, storage.preactivation, dtype, keep)
         set_attrs(
             z,
+            axes=joined(axes),
             role=schema.PREACTIVATION,
             symbol="z",
             long_name=schema.preactivation_long_name(layer.name, layer.nonlinearity),
             description=schema.preactivation_description(layer.name, layer.type, layer.nonlinearity),
         )
     if storage.stores(layer, schema.ACTIVATION):
-        a = _create_map(group, schema.ACTIVATION, layer.output_shape, storage.activation, dtype, keep)
+        a = _create_map(group, schema.ACTIVATION, layer.output_shape, axes, storage.activation, dtype, keep)
         set_attrs(
             a,
+            axes=joined(axes),
             role=schema.ACTIVATION,
             symbol="a",
             nonlinearity=layer.nonlinearity,
@@ -258,15 +282,23 @@ def _create_layer(parent: h5py.Group, layer: LayerRecord, storage: Storage, keep
         )
     stats = create_group(group, schema.STATS, keep)
     set_attrs(stats, role=schema.ACTIVATION if layer.has_activation else schema.PREACTIVATION)
-    channels = layer.output_shape[0]
+    channels = layer.channels
     for name in schema.IMAGE_STATS:
         growing(stats, name, (channels,), np.float32, keep)
     growing(stats, schema.IMAGE_ARGMAX, (channels, 2), np.int32, keep)
 
 
 def _create_map(
-    group: h5py.Group, name: str, shape: tuple[int, ...], codec: Codec, dtype: np.dtype[Any], keep: list[Any]
+    group: h5py.Group,
+    name: str,
+    shape: tuple[int, ...],
+    axes: Sequence[str],
+    codec: Codec,
+    dtype: np.dtype[Any],
+    keep: list[Any],
 ) -> h5py.Dataset:
+    """A map dataset along N with rows of ``shape``, its dims labelled ``axes`` and attached to the
+    scales :func:`_create_scales` made."""
     options: dict[str, Any] = {}
     if codec[0] is not None:
         options["compression"] = codec[0]
@@ -284,14 +316,14 @@ def _create_map(
         **options,
     )
     ds.dims[0].attach_scale(group.file["N"])
-    for axis, dim in enumerate(schema.DIM_NAMES[: len(shape) + 1]):
+    for axis, dim in enumerate(axes):
         ds.dims[axis].label = dim
         if axis > 0:
             ds.dims[axis].attach_scale(group[dim])
     return ds
 
 
-def _create_scales(group: h5py.Group, shape: tuple[int, ...], keep: list[Any]) -> None:
-    """Index datasets C, H, W (as many as ``shape`` has) in ``group``, made dimension scales."""
-    for dim, length in zip(schema.DIM_NAMES[1:], shape, strict=False):
+def _create_scales(group: h5py.Group, shape: tuple[int, ...], axes: Sequence[str], keep: list[Any]) -> None:
+    """Index datasets in ``group``, one per axis after N (named as ``axes`` names them), made dimension scales."""
+    for dim, length in zip(axes[1:], shape, strict=True):
         create_dataset(group, dim, keep, data=np.arange(length, dtype=np.int64)).make_scale(dim)

@@ -28,10 +28,11 @@ from ..inputs import Shard
 from ..stopping import StopRequested, check
 from . import schema
 from .atomic import AtomicOutput, check_target
+from .axes import joined, layer_axes
 from .chunks import copy_rows
 from .continuation import differences, file_fingerprint
 from .layout import set_attrs
-from .reader import int_attr, open_fmap, printable, shown_value
+from .reader import channel_count, int_attr, open_fmap, printable, shown_value
 from .stats import SUMMARY, ChannelStats
 
 # Attributes the HDF5 dimension-scale API owns (they hold references into their own file).
@@ -148,6 +149,7 @@ def read_shard(path: Path) -> tuple[ShardFile, dict[str, str]]:
         ours["input list"] = f"{_digest(f, path)}/{found.n_inputs}"
         ours["schema"] = str(int(attrs["fmap_schema_version"]))
         ours["shard count"] = str(found.shard.count)
+        ours["axes"] = _labels(f)
         index = _positions(f, path)
     share = found.share()
     if len(index) != found.n_images or (len(index) and (index[0] < share.start or index[-1] >= share.stop)):
@@ -193,7 +195,20 @@ def _positions(f: h5py.File, path: Path) -> np.ndarray:
 
 
 # Fingerprint parts merge adds to resume.FINGERPRINT, with the words used when one differs.
-EXTRA_PARTS = {"input list": "input list", "schema": "schema version", "shard count": "shard count (N of --shard K/N)"}
+EXTRA_PARTS = {"input list": "input list", "schema": "schema version", "shard count": "shard count (N of --shard K/N)",
+               "axes": "the axes of the maps"}  # fmt: skip
+
+
+def _labels(f: h5py.File) -> str:
+    """Every layer's axes, e.g. 'conv1: N,C,H,W; fc: N,C' (the merged file copies the first shard's).
+
+    Raises:
+        FmapFileError: a map whose axes label does not fit it.
+    """
+    try:
+        return "; ".join(f"{name}: {joined(layer_axes(group))}" for name, group in f[schema.LAYERS].items())
+    except ValueError as exc:
+        raise FmapFileError(printable(f"{f.filename}: {DAMAGED_SHARD}: {exc}")) from None
 
 
 def check_shards(paths: Sequence[Path]) -> list[ShardFile]:
@@ -405,7 +420,8 @@ class _Merger:
         stats, key = name.rsplit("/", 1)
         role, stat = key.rsplit("_", 1)
         if (stats, role) not in self._pools:  # min, max, mean and std of a role are pooled together
-            per_image = int(np.prod(self.sources[0][stats].parent.attrs["output_shape"][1:], dtype=np.int64))
+            group = self.sources[0][stats].parent
+            per_image = int(np.prod(group.attrs["output_shape"], dtype=np.int64)) // channel_count(group)
             parts = [
                 (
                     {k: src[f"{stats}/{role}_{k}"][...] for k in SUMMARY if f"{stats}/{role}_{k}" in src},

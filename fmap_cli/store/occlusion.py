@@ -92,6 +92,7 @@ def _create(f: h5py.File, layout: OcclusionLayout, attrs: Mapping[str, Any]) -> 
         growing(images, name, shape, dtype, keep)
     if layout.input_shape is not None:
         pixels = growing(f, schema.INPUT, layout.input_shape, np.float32, keep)
+        set_attrs(pixels, axes=",".join(schema.DIM_NAMES))
         for dim_index, (dim, length) in enumerate(zip(schema.DIM_NAMES[1:], layout.input_shape, strict=True), 1):
             scale = create_dataset(f, dim, keep, data=np.arange(length, dtype=np.int64))
             scale.make_scale(dim)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import FmapError, FmapFileError, UnknownLayerError, UsageError, did_you_mean, first_line
 from . import schema
+from .axes import channel_axis, layer_axes
 from .layout import file_kind
 
 DAMAGED = "damaged fmap file"
@@ -113,11 +114,16 @@ def layer_group(f: h5py.File, layer: str) -> h5py.Group:
 
 
 def check_channel(group: h5py.Group, channel: int) -> None:
-    """Raise UsageError unless ``channel`` is one of the layer's channels."""
-    count = int(group.attrs["output_shape"][0])
+    """Raise UsageError unless ``channel`` is one of the layer's channels (along its channel axis)."""
+    count = channel_count(group)
     if not 0 <= channel < count:
         name = printable(group.name.rsplit("/", 1)[-1])
         raise UsageError(f"channel {channel} out of range: layer '{name}' has channels 0..{count - 1}")
+
+
+def channel_count(group: h5py.Group) -> int:
+    """How many channels a stored layer has: the length of its maps' channel axis (C, or D for tokens)."""
+    return int(group.attrs["output_shape"][channel_axis(layer_axes(group)) - 1])
 
 
 def missing_sources(f: h5py.File) -> list[str]:

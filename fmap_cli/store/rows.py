@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import FmapError
 from . import schema
+from .axes import channels_first, joined, layer_axes
 from .chunks import COMPRESSORS, copy_rows, write_rows
 from .layout import STR, LayerRecord, Storage, create_dataset, create_group, safe_text
 from .stats import ChannelStats, image_stats
@@ -63,7 +64,7 @@ class RowWriter:
         self.storage = storage
         self.n_images = n_images
         self.stats = stats or {
-            (layer.name, role): ChannelStats.empty(layer.output_shape[0]) for layer in layers for role in layer.roles
+            (layer.name, role): ChannelStats.empty(layer.channels) for layer in layers for role in layer.roles
         }
         self._pool = ThreadPoolExecutor(COMPRESSORS, thread_name_prefix="fmap-gzip")
         # Datasets stay open while writing: closing one flushes its chunk cache, and a write that
@@ -119,14 +120,15 @@ class RowWriter:
         f.flush()
 
     def _layer_stats(self, layer: LayerRecord, batch: Batch) -> dict[str, np.ndarray]:
-        """Update one layer's running per-channel statistics; return its per-image ones."""
+        """Update one layer's running per-channel statistics; return its per-image ones (both over
+        the channel axis, wherever the maps' axes put it)."""
         z, a = batch.maps[layer.name]
         for role, values in ((schema.PREACTIVATION, z), (schema.ACTIVATION, a)):
             if values is not None and role in layer.roles:
-                self.stats[(layer.name, role)].update(values)
+                self.stats[(layer.name, role)].update(channels_first(values, layer.map_axes))
         described = a if layer.has_activation else z
         assert described is not None, "capture returns the map the statistics describe"
-        return image_stats(described)
+        return image_stats(channels_first(described, layer.map_axes))
 
     def _cast(self, layer: str, values: np.ndarray) -> np.ndarray:
         if self.storage.dtype != "float16":
@@ -186,6 +188,17 @@ class RowWriter:
         everything it flushed reads back intact (../shared/HDF5-NOTES.md section 3).
         """
         n = int(old.attrs["n_images"])
+        for layer in self.layers:  # maps are only continued along the axes they were written with
+            group = old[schema.LAYERS][layer.name]
+            try:
+                theirs = layer_axes(group)
+            except ValueError as exc:
+                raise FmapError(f"{old.filename}: damaged fmap file: {exc}") from None
+            if theirs != layer.map_axes:
+                raise FmapError(
+                    f"{old.filename}: layer '{layer.name}' has maps with axes {joined(theirs)}, this run's are "
+                    f"{joined(layer.map_axes)}; write a new file instead"
+                )
 
         def visit(name: str, dst: Any) -> None:
             growing = isinstance(dst, h5py.Dataset) and dst.maxshape and dst.maxshape[0] is None
@@ -213,10 +226,11 @@ class RowWriter:
         for layer in self.layers:
             group = self.f[schema.LAYERS][layer.name]
             for role in layer.roles:
-                running = ChannelStats.empty(layer.output_shape[0])
+                running = ChannelStats.empty(layer.channels)
                 if role in group:
                     for start in range(0, self.n_images, 64):
-                        running.update(group[role][start : start + 64].astype(np.float32))
+                        block = group[role][start : start + 64].astype(np.float32)
+                        running.update(channels_first(block, layer.map_axes))
                 self.stats[(layer.name, role)] = running
             if self.n_images:
                 self._write_channel_stats(layer)
@@ -232,7 +246,7 @@ def stored_stats(f: h5py.File, layers: Sequence[LayerRecord]) -> dict[tuple[str,
     found = {}
     for layer in layers:
         stats = f[schema.LAYERS][layer.name].get(schema.STATS, {})
-        per_image = int(np.prod(layer.output_shape[1:], dtype=np.int64))
+        per_image = int(np.prod(layer.output_shape, dtype=np.int64)) // layer.channels  # values per channel
         for role in layer.roles:
             keys = {name: f"{role}_{name}" for name in schema.CHANNEL_STATS}
             stored = {name: stats[key][...] for name, key in keys.items() if key in stats}

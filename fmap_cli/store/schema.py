@@ -14,10 +14,12 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Versions the readers handle: version 1 lacks the per-channel 'negatives' statistics and the
-# 'storage' and 'input_lists' attributes; readers treat them as absent.
-READABLE_VERSIONS = (1, 2)
+# 'storage' and 'input_lists' attributes; readers treat them as absent. Versions 1 and 2 lack the
+# maps' 'axes' labels (their maps are all read as channels first, N, C, H, W) and the token and
+# receptive-field notes.
+READABLE_VERSIONS = (1, 2, 3)
 
 # Names used by the writer and the readers; change them only with SCHEMA_VERSION.
 PREACTIVATION = "preactivation"
@@ -27,7 +29,18 @@ IMAGES = "images"
 INPUT = "input"
 STATS = "stats"
 FAILURES = "failures"
-DIM_NAMES = ("N", "C", "H", "W")
+DIM_NAMES = ("N", "C", "H", "W")  # /input's axes, and the axes of maps in files of schema versions 1 and 2
+# What each axis name of a map's 'axes' attribute means.
+AXES = {
+    "N": "images",
+    "C": "channels",
+    "H": "rows of the image grid",
+    "W": "columns of the image grid",
+    "L": "positions along a sequence fmap cannot place in the image (e.g. after a 1-D convolution)",
+    "T": "tokens: a sequence that runs over image positions (rows and columns merged), see the layer's 'tokens'",
+    "D": "features of each token (the channels of a token map)",
+}
+CHANNEL_AXES = ("C", "D")  # the axis per-channel statistics, dead channels and pictures run over
 # Per image and channel statistics (N, C) of a (of z when there is no a), and where the max is.
 IMAGE_STATS = ("image_max", "image_mean", "image_zero_fraction")
 IMAGE_ARGMAX = "image_argmax"
@@ -118,7 +131,18 @@ class Node:
     required: bool = True
 
 
-MAP_DIMS = "(N, C, H, W)"
+MAP_DIMS = "(N, ...): the axes its 'axes' attribute names, e.g. (N, C, H, W)"
+AXES_ATTR = Attr(
+    "axes",
+    "str",
+    "The names of the dataset's axes in order, comma-separated, e.g. 'N,C,H,W' (channels first), 'N,H,W,C' "
+    "(channels last, as a linear layer on a permuted map gives), 'N,T,D' (tokens, then features), 'N,C,L' or "
+    "'N,C' (flat features). "
+    + "; ".join(f"{name}: {words}" for name, words in AXES.items())
+    + ". The map is stored exactly as the model computed it (never transposed); per-channel statistics, dead "
+    "channels and pictures run over the channel axis (C, or D for tokens). Absent in files of schema versions "
+    "1 and 2, whose maps are all N,C,H,W (or N,C, N,C,H).",
+)
 MAP_DTYPE = "float32|float16"  # --dtype
 
 # Root attributes every kind of fmap file has: the file itself, then the model run that made it,
@@ -217,6 +241,7 @@ IMAGE_NODES: tuple[Node, ...] = (
         "The exact tensor fed to the network (after preprocessing); only with --save-input.",
         "float32",
         "(N, 3, H, W)",
+        attrs=(Attr("axes", "str", "'N,C,H,W' (absent in files of schema versions 1 and 2)."),),
         required=False,
     ),
 )
@@ -291,7 +316,32 @@ SCHEMA: tuple[Node, ...] = (
             ),
             Attr("a_is_f_of_z", "int8", "1 when nothing but f lies between z and a, so a == f(z) can be re-checked."),
             Attr("note", "str", "Why there is no activation dataset (only when has_activation = 0).", False),
-            Attr("output_shape", "int64[]", "Shape of one image's map: (C, H, W), or (C,) for linear layers."),
+            Attr(
+                "output_shape",
+                "int64[]",
+                "Shape of one image's map, in the order of the maps' 'axes' less N: (C, H, W), (H, W, C), (T, D), "
+                "(C,) for flat features, ...",
+            ),
+            Attr(
+                "tokens",
+                "str",
+                "What the token axis T holds, in words, e.g. '1 token not from the image grid (e.g. a class token), "
+                "then 14x14 = 196 patch tokens, row-major'; or that fmap could not tell. Only for token maps.",
+                False,
+            ),
+            Attr(
+                "token_prefix",
+                "int64",
+                "Number of tokens before the patch tokens along T (e.g. 1 for a class token); only where known.",
+                False,
+            ),
+            Attr(
+                "token_grid",
+                "int64[2]",
+                "(rows, columns) of the patch tokens that follow the prefix along T, row-major, up to T's end: "
+                "token prefix + r * columns + c is the patch at row r, column c; only where known.",
+                False,
+            ),
             Attr(
                 "receptive_field",
                 "int64[2]",
@@ -313,6 +363,13 @@ SCHEMA: tuple[Node, ...] = (
                 "float64[2]",
                 "Input-pixel coordinates (row, col) of the centre of unit (0, 0)'s receptive field; NaN when unknown.",
             ),
+            Attr(
+                "receptive_field_note",
+                "str",
+                "Why the receptive field is unknown, in words (e.g. attention mixes the positions of a token "
+                "sequence); only when it is unknown (-1, -1).",
+                False,
+            ),
             Attr("channel_descriptions", "str[]", "What each channel responds to (built-in models).", False),
         ),
     ),
@@ -320,22 +377,25 @@ SCHEMA: tuple[Node, ...] = (
         Node(
             f"/{LAYERS}/{{layer}}/{dim}",
             "dataset",
-            f"Dimension scale {dim} of the layer's maps: 0..{dim}-1"
-            + ("." if dim == "C" else " (absent for flat (N, C) maps)."),
+            f"Dimension scale {dim} ({words}) of the layer's maps: 0..{dim}-1; one for each axis the maps have "
+            "(schema versions 1 and 2: C, H, W, as many as the maps have).",
             "int64",
             f"({dim},)",
-            required=dim == "C",
+            required=False,
         )
-        for dim in DIM_NAMES[1:]
+        for dim, words in AXES.items()
+        if dim != "N"
     ),
     Node(
         f"/{LAYERS}/{{layer}}/{PREACTIVATION}",
         "dataset",
         "z: the layer's linear output before its nonlinearity. Uncompressed by default. Absent with "
-        "--store a. Dimension scales N, C, H, W attached (DIMENSION_LIST, DIMENSION_LABELS).",
+        "--store a. Dimension scales attached, one per axis, labelled as 'axes' names them (DIMENSION_LIST, "
+        "DIMENSION_LABELS).",
         MAP_DTYPE,
         MAP_DIMS,
         attrs=(
+            AXES_ATTR,
             Attr("role", "str", f"'{PREACTIVATION}'."),
             Attr("symbol", "str", "'z'."),
             Attr("long_name", "str", "Short label for plotting tools (xarray, netCDF)."),
@@ -347,10 +407,12 @@ SCHEMA: tuple[Node, ...] = (
         f"/{LAYERS}/{{layer}}/{ACTIVATION}",
         "dataset",
         "a = f(z): the feature map. gzip level 1 (no shuffle) by default. Absent when the layer has "
-        "no nonlinearity, or with --store z. Dimension scales N, C, H, W attached.",
+        "no nonlinearity, or with --store z. Dimension scales attached, one per axis (see 'axes'); z and a "
+        "have the same axes.",
         MAP_DTYPE,
         MAP_DIMS,
         attrs=(
+            AXES_ATTR,
             Attr("role", "str", f"'{ACTIVATION}'."),
             Attr("symbol", "str", "'a'."),
             Attr("nonlinearity", "str", "f, e.g. 'relu'."),
@@ -371,7 +433,8 @@ SCHEMA: tuple[Node, ...] = (
         Node(
             f"/{LAYERS}/{{layer}}/{STATS}/{name}",
             "dataset",
-            f"Per image and channel: the {words} of the map named by the group's 'role' (a, else z).",
+            f"Per image and channel: the {words} of the map named by the group's 'role' (a, else z); C is the "
+            "maps' channel axis (C, or D for tokens), whatever its place among their axes.",
             "float32",
             "(N, C)",
         )
@@ -380,7 +443,9 @@ SCHEMA: tuple[Node, ...] = (
     Node(
         f"/{LAYERS}/{{layer}}/{STATS}/{IMAGE_ARGMAX}",
         "dataset",
-        "Per image and channel: (row, col) of image_max in the map (the first, row-major); int64 in schema version 1.",
+        "Per image and channel: (row, col) of image_max in the channel's map (the first, row-major): along H and W "
+        "whatever their order among the axes; for maps with one axis besides the channels (T, L), (index, 0); for "
+        "flat maps (0, 0). int64 in schema version 1.",
         "int32",
         "(N, C, 2)",
     ),
