@@ -45,6 +45,7 @@ from .images import Failure, check_image
 from .models import LoadedModel
 from .stopping import StopRequested, check
 from .store import schema
+from .store.axes import channel_axis, channels_first_order
 from .store.occlusion import OcclusionLayout, OcclusionRow, OcclusionWriter
 
 FILLS = ("grey", "mean", "zero")
@@ -263,7 +264,7 @@ def _work(options: OccludeOptions, planned: Plan) -> _Work:
         layer = planned.names[0]
         info = planned.layers[layer]
         role = schema.ACTIVATION if info.nonlinearity != "none" else schema.PREACTIVATION
-        count = int(info.output_shape[0])
+        count = int(info.output_shape[channel_axis(info.axes) - 1])  # along the channel axis, wherever it is
         if options.channels == ALL:
             channels = np.arange(count, dtype=np.int64)
         elif options.channels is not None:
@@ -524,7 +525,8 @@ class _Forward:
             found = maps[work.layer]
             values = found.a if work.role == schema.ACTIVATION else found.z
             assert values is not None, "capture checks that the wanted maps exist"
-            values = values.double()
+            axes = work.planned.layers[work.layer].axes
+            values = values.double().permute(channels_first_order(axes))  # (b, C, ...) whatever the layout
             totals = (values.flatten(2).sum(dim=2) if values.dim() > 2 else values).cpu().numpy()  # (b, C)
         if not work.classes:
             return totals, None

@@ -48,6 +48,7 @@ from .render import image_index
 from .stopping import StopRequested, check
 from .store import schema
 from .store.atomic import check_target
+from .store.axes import channels_first_order, layer_axes
 from .store.projection import Projections, write_projections
 from .store.reader import check_channel, layer_group, printable, reading
 
@@ -254,18 +255,20 @@ def _project_batch(
             f"layer '{layer}': its map is not connected to the input by autograd (made by an op that "
             "PyTorch's function dispatch does not see, e.g. a custom C++ extension), so it cannot be projected"
         )
-    chosen = a.detach()[:, channel]  # (B, H, W), or (B,) for flat maps
+    order = channels_first_order(layers[layer].axes)  # (B, C, ...) views, whatever the maps' layout
+    chosen = a.detach().permute(order)[:, channel]  # (B, H, W), (B, T) or (B,) for flat maps
     seed = torch.zeros_like(a)
+    seeds = seed.permute(order)  # a view: writing it writes seed
     values, maxima = [], []
     for k, unit in enumerate(units):
         plane = chosen[k]
         maxima.append(float(plane.max()))
         if unit.whole:
-            seed[k, channel] = plane
+            seeds[k, channel] = plane
             values.append(float(plane.max()))
         else:
-            where = (unit.row, unit.col) if plane.dim() == 2 else ()
-            seed[(k, channel, *where)] = plane[where]
+            where = (unit.row, unit.col)[: plane.dim()]  # a token or position of a 1-D map: (index, 0)
+            seeds[(k, channel, *where)] = plane[where]
             values.append(float(plane[where]))
     try:
         (grad,) = torch.autograd.grad(a, x, seed, allow_unused=True)
@@ -373,7 +376,8 @@ def _read_source(options: ProjectOptions) -> _Source:
             geometry = Geometry.of(group)
         except FmapError:  # an op whose geometry capture could not trace: pictures show whole images
             geometry = UNKNOWN_GEOMETRY
-        shape = tuple(int(n) for n in group.attrs["output_shape"])  # (C, H, W) or (C,)
+        stored = [0, *(int(n) for n in group.attrs["output_shape"])]  # N first, as the axes count
+        shape = tuple(stored[i] for i in channels_first_order(layer_axes(group))[1:])  # (C, H, W), (C, T) or (C,)
         stats = layer_stats(group)
         image_max, argmax = stats.image_max[:, c], stats.image_argmax[:, c]
         if choice.image is not None:

@@ -268,3 +268,38 @@ def test_field_notes_say_why_a_receptive_field_is_unknown(images: list[Path], tm
         assert f["layers/conv"].attrs["receptive_field"].tolist() == [-1, -1]
     text = ok(invoke("inspect", out)).stdout
     assert f"    receptive field unknown: {MERGED}" in text
+
+
+def test_occlude_totals_each_channel_along_the_channel_axis(images: list[Path], tmp_path: Path) -> None:
+    maps = extract(images[:1], "channels_last_relu", tmp_path / "maps.h5")
+    occ = tmp_path / "occ.h5"
+    ok(invoke("occlude", images[0], "--model", f"{REPO}/tests/layouts.py:channels_last_relu", "--size", SIZE,
+              "--layer", "block.2", "--channel", "all", "--patch", 8, "--device", "cpu", "-o", occ))  # fmt: skip
+    with h5py.File(maps, "r") as f:
+        a = f["layers/block.2/activation"][0].astype(np.float64)  # (H, W, C)
+    with h5py.File(occ, "r") as f:
+        assert f["occlusion/baseline"].shape == (1, 6)  # six channels, not eight rows
+        np.testing.assert_allclose(f["occlusion/baseline"][0], a.sum(axis=(0, 1)), rtol=1e-5, atol=1e-5)
+
+
+def test_project_seeds_the_unit_of_the_right_channel(images: list[Path], tmp_path: Path) -> None:
+    """The gradient of one unit (row, col) of channel c of a channels-last Linear: only the stem
+    pixels under that unit move it (a 2x2 patch of a 2x2-stride conv), and by torch's own gradient."""
+    maps = extract(images, "channels_last", tmp_path / "maps.h5", "--save-input")
+    out = tmp_path / "proj.h5"
+    model_file = f"{REPO}/tests/layouts.py:channels_last"
+    ok(invoke("project", maps, "--model", model_file, "--layer", "block.2", "--channel", 4, "--image", 1,
+              "--unit", "3,5", "--method", "gradient", "--device", "cpu", "-o", out))  # fmt: skip
+    model = layouts.channels_last()
+    with h5py.File(maps, "r") as f:
+        x = torch.from_numpy(f["input"][1:2]).requires_grad_(True)
+    z = model.block[2](model.block[1](model.stem(x).permute(0, 2, 3, 1)))
+    a = torch.nn.functional.gelu(z)
+    (grad,) = torch.autograd.grad(a[0, 3, 5, 4], x)
+    with h5py.File(out, "r") as f:
+        projected = f["projection"][0]
+        assert float(f["unit/value"][0]) == pytest.approx(float(a[0, 3, 5, 4]), rel=1e-5)
+    np.testing.assert_allclose(projected, (grad * a[0, 3, 5, 4]).detach().numpy()[0], rtol=1e-4, atol=1e-6)
+    moved = np.abs(projected).sum(axis=0)  # (H, W)
+    assert np.flatnonzero(moved.sum(axis=1)).tolist() == [6, 7]  # rows 2*3, 2*3+1
+    assert np.flatnonzero(moved.sum(axis=0)).tolist() == [10, 11]  # columns 2*5, 2*5+1

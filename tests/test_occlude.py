@@ -589,7 +589,8 @@ def test_inspect_reports_baseline_largest_drop_and_the_class(both: Path) -> None
         group = f["occlusion"]
         y, x = group["y"][...], group["x"][...]
         lines = [
-            f"{both}: fmap occlusion file (schema v{schema.SCHEMA_VERSION}), written by fmap {__version__} at {f.attrs['created']} on cpu",
+            f"{both}: fmap occlusion file (schema v{schema.SCHEMA_VERSION}), written by fmap {__version__} at "
+            f"{f.attrs['created']} on cpu",
             f"model: region_net ({f.attrs['model_source']})",
             "occluder: 6x6 pixels, fill grey (R, G, B = 0.5, 0.5, 0.5 before normalising), stride 4x4: 6x5 positions",
             "layer: feat, total a of 2 channel(s) per image (all)",
