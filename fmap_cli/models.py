@@ -360,8 +360,9 @@ def _library_model(library: str, name: str, weights: str | None, kwargs: dict[st
             module = lib.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as exc:  # unknown name, no cached weights offline, bad kwargs
         raise ModelError(f"--model {library}:{name}: {type(exc).__name__}: {first_line(exc)}") from None
-    # the recipe is the library's own weights'; say so when they are not the weights used
-    used = "loaded" if pretrained else f"not loaded: the weights are {'from ' + weights if weights else 'random'}"
+    # the recipe is the library's own weights'; say so when they are not the weights used (which file
+    # they are is the file's weights_sha256: a resumed run may name the same weights by another path)
+    used = "loaded" if pretrained else f"not loaded: the weights are {'from --weights' if weights else 'random'}"
     if library == "torchvision":
         return module, _torchvision_recipe(lib, name, used)
     return module, _timm_recipe(module, name, used)

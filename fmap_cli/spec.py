@@ -235,7 +235,8 @@ def parse_spec(raw: Any, path: Path, source: str | None = None) -> ModelSpec:
         if not isinstance(model.get(key), str) or not model[key]:
             raise check.fail(f"'{key}' must be a non-empty string")
     check.where = "[input]"
-    input_spec = dataclasses.replace(_parse_input(raw.get("input", {}), check), recipe=f"[input] of {source or path}")
+    # the spec's path is the file's model_source: the same spec elsewhere is the same preprocessing
+    input_spec = dataclasses.replace(_parse_input(raw.get("input", {}), check), recipe="the model spec's [input]")
     layers = raw.get("layers")
     check.where = ""
     if not isinstance(layers, list) or not layers:

@@ -15,6 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+import torch
 import zoo
 from conftest import TINY_SPEC, make_photo, tiny_weights
 from helpers import error_line, extract_fails, invoke, ok
@@ -208,7 +209,7 @@ def test_spec_interpolation_and_flags_are_applied_and_recorded(spec: Path, photo
     # the spec's [input]: crop 20x24 just covered (60x90 -> 20x30, left 3) with lanczos
     expected = as_input(np.asarray(Image.open(photo).resize((30, 20), Image.Resampling.LANCZOS))[:, 3:27])
     np.testing.assert_allclose(x, (expected - np.float32(MEAN)[:, None, None]) / np.float32(STD)[:, None, None])
-    assert record["recipe"] == {"source": f"[input] of {spec}", "overridden_by": []}
+    assert record["recipe"] == {"source": "the model spec's [input]", "overridden_by": []}
     assert record["steps"][2]["interpolation"] == "lanczos"
 
     out = tmp_path / "flags.h5"
@@ -308,6 +309,10 @@ def test_torchvision_recipe_is_the_default_weights(
     )
     loaded = load_model("torchvision:resnet18", "pretrained", {"width": 8})
     assert loaded.input.recipe.endswith("DEFAULT weights (loaded)")
+    weights = tmp_path / "weights.pt"
+    torch.save(zoo.resnet18(width=8).state_dict(), weights)
+    loaded = load_model("torchvision:resnet18", str(weights), {"width": 8})
+    assert loaded.input.recipe.endswith("DEFAULT weights (not loaded: the weights are from --weights)")
     out = tmp_path / "tv.h5"
     args = ("--model-arg", "width=8", "--layers", "conv1", "--device", "cpu", "--save-input", "-o", out)
     ok(invoke("extract", photo, "--model", "torchvision:resnet18", *args))
