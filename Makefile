@@ -39,8 +39,11 @@ lint: install
 	$(BIN)/ruff format --check fmap_cli tests scripts
 	$(BIN)/mypy
 
+# bench_capture.py measures issue 10's torchvision models only where torchvision imports:
+# .venv-zoo/bin/python scripts/bench_capture.py (here it says so and measures the replicas of tests/zoo.py).
 bench: install
 	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench_capture.py
 	$(BIN)/python scripts/bench_pipeline.py
 	$(BIN)/python scripts/bench_project.py
 	$(BIN)/python scripts/bench_occlude.py

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import h5py
 import numpy as np
@@ -37,13 +38,18 @@ from fmap_cli.summary import read_summary
 REPO = Path(__file__).resolve().parent.parent
 
 
-def resnet18_shaped() -> torch.nn.Module:
-    """torchvision's ResNet-18 layout (11.7 M parameters), random weights, from the test zoo."""
+def load_zoo() -> ModuleType:
+    """tests/zoo.py: hand-built replicas of torchvision/timm model patterns."""
     spec = importlib.util.spec_from_file_location("zoo", REPO / "tests" / "zoo.py")
     assert spec is not None and spec.loader is not None
     zoo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(zoo)
-    return zoo.resnet18(width=64, num_classes=1000).eval()
+    return zoo
+
+
+def resnet18_shaped() -> torch.nn.Module:
+    """torchvision's ResNet-18 layout (11.7 M parameters), random weights, from the test zoo."""
+    return load_zoo().resnet18(width=64, num_classes=1000).eval()
 
 
 def timed(fn: Callable[[], object]) -> float:
