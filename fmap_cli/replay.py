@@ -10,10 +10,12 @@ write into it. A replay runs the model under a bare ``TorchFunctionMode`` (no mo
 those tensors, makes those copies and stops at the op after the last one it needs, so its maps are
 the full pass's, bit for bit.
 
-A replay checks, op by op, that the model takes the same path: the same function, fed (first
-tensor argument) by the output of the same earlier op, and held maps of the same shapes. Anything
-else (data-dependent control flow or routing) raises :class:`Diverged`, and capture runs that
-batch the full way instead.
+A replay checks, op by op, that the model takes the same path: the same function, each tensor
+argument the output of the same earlier op or the same parameter (so the same module's weights),
+and held maps of the same shapes. Anything else (data-dependent control flow or routing) raises
+:class:`Diverged`, and capture runs that batch the full way instead. Module calls are not seen:
+a model choosing by its data between two parameter-free modules (two ReLUs) on the same tensor
+would keep its plan, and its maps the names of the first batch's choice.
 """
 
 from __future__ import annotations
@@ -26,12 +28,11 @@ from typing import Any
 import torch
 
 from . import fields
-from .pairing import LayerMaps, Recorder, StopForward, _Box, _TensorMap, first_tensor
+from .pairing import LayerMaps, Recorder, StopForward, _Box, _TensorMap
 
 __all__ = ["Diverged", "Plan", "Planner", "Replay"]
 
 INPUT = -1  # "made by step -1": the model's input
-UNKNOWN = -2  # not made by any op of this forward pass (a parameter, a constant, or not a tensor)
 
 
 class Diverged(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -43,7 +44,7 @@ class Plan:
     """What a full pass on one input shape decided, as ops (step k = the k-th op of the forward pass)."""
 
     funcs: list[Any]  # the function of each step, up to the last one needed
-    sources: list[int]  # the step whose output is each step's first tensor argument (INPUT, UNKNOWN)
+    sources: list[tuple[int, ...]]  # per step: where each tensor argument comes from (see ``sources``)
     holds: list[tuple[tuple[int, int], ...]]  # per step: (box, index among the op's output tensors) to hold
     clones: list[tuple[int, ...]]  # per step: boxes to copy before the op runs (it writes into them)
     input_holds: tuple[int, ...]  # boxes holding the model's input
@@ -56,13 +57,26 @@ class Plan:
         return len(self.funcs) - 1
 
 
+def sources(args: Sequence[Any], origin: Callable[[torch.Tensor], int]) -> tuple[int, ...]:
+    """Where each tensor argument of an op (also in a list, as ``cat``'s) comes from: the step whose
+    output it is (INPUT for the model's input), or minus its ``id`` for a tensor no op of this
+    forward pass made (a parameter or buffer: which module's weights the op uses)."""
+    found = []
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            found.append(origin(arg))
+        elif isinstance(arg, list | tuple):
+            found.extend(origin(t) for t in arg if isinstance(t, torch.Tensor))
+    return tuple(found)
+
+
 class Planner(Recorder):
     """A full :class:`~fmap_cli.pairing.Recorder` that also writes down what it did, as a :class:`Plan`."""
 
     def __init__(self, expected: dict[str, set[str]], image_size: tuple[int, int] = (0, 0)) -> None:
         super().__init__(expected, image_size)
         self._funcs: list[Any] = []
-        self._sources: list[int] = []
+        self._sources: list[tuple[int, ...]] = []
         self._made = _TensorMap()  # tensor -> (step, index among that op's output tensors)
         self._origins: dict[_Box, tuple[int, int] | None] = {}
         self._copied: list[tuple[int, _Box]] = []  # (step, box) for each copy before an in-place op
@@ -77,7 +91,7 @@ class Planner(Recorder):
             return run()
         step = self._step = len(self._funcs)
         self._funcs.append(func)
-        self._sources.append(self._source(first_tensor(args)))
+        self._sources.append(sources(args, self._origin))
 
         def ran() -> Any:
             result = run()
@@ -87,9 +101,9 @@ class Planner(Recorder):
 
         return super().op(func, args, kwargs, ran)
 
-    def _source(self, t: torch.Tensor | None) -> int:
-        made = self._made.get(t) if t is not None else None
-        return UNKNOWN if made is None else int(made[0])
+    def _origin(self, t: torch.Tensor) -> int:
+        made = self._made.get(t)
+        return -id(t) if made is None else int(made[0])
 
     def _hold(self, t: torch.Tensor) -> _Box:
         box = super()._hold(t)
@@ -138,6 +152,7 @@ class Replay:
         self._step = 0
         self._made: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}  # id -> (tensor, step that made it)
         self._boxes: list[_Box | None] = [None] * len(plan.shapes)
+        self._diverged = False
 
     def start(self, x: torch.Tensor) -> None:
         """The model's input tensor."""
@@ -160,7 +175,8 @@ class Replay:
             raise StopForward
         planned = plan.funcs[step]
         # ``==`` for bound wrappers made anew at each access (``Tensor.shape.__get__``)
-        if (planned is not func and planned != func) or self._source(args) != plan.sources[step]:
+        if (planned is not func and planned != func) or sources(args, self._origin) != plan.sources[step]:
+            self._diverged = True  # model code may catch the exception and go on: its maps are not used
             raise Diverged
         for i in plan.clones[step]:
             box = self._boxes[i]
@@ -179,13 +195,13 @@ class Replay:
                 self._hold(i, outputs[index])
         return result
 
-    def _source(self, args: Sequence[Any]) -> int:
-        t = args[0] if args and isinstance(args[0], torch.Tensor) else first_tensor(args)
-        item = self._made.get(id(t)) if t is not None else None
-        return item[1] if item is not None and item[0]() is t else UNKNOWN
+    def _origin(self, t: torch.Tensor) -> int:
+        item = self._made.get(id(t))
+        return item[1] if item is not None and item[0]() is t else -id(t)
 
     def _hold(self, i: int, t: torch.Tensor) -> None:
         if tuple(t.shape) != self.plan.shapes[i]:
+            self._diverged = True
             raise Diverged
         self._boxes[i] = _Box(t.detach())
 
@@ -196,9 +212,9 @@ class Replay:
         Raises:
             Diverged: the forward pass ended before every planned map was held.
         """
-        if self._step <= self.plan.last:
+        held = [box.t for box in self._boxes if box is not None]
+        if self._diverged or len(held) < len(self._boxes):
             raise Diverged
-        held = [box.t for box in self._boxes if box is not None]  # every box is held by the last step
         return {
             name: LayerMaps(held[roles["z"]] if "z" in roles else None, held[roles["a"]] if "a" in roles else None)
             for name, roles in self.plan.roles.items()
