@@ -45,6 +45,7 @@ class Field:
     # along ``merged``: (prefix, rows, columns): ``prefix`` tokens not from the image (a class token),
     # then a rows x columns grid of positions, row-major, to the dim's end; None: not known
     tokens: tuple[int, int, int] | None = None
+    channel: int | None = None  # the dim holding channels (features), where an op says so; None: not known
 
     @classmethod
     def unknown(
@@ -53,11 +54,12 @@ class Field:
         merged: int | None = None,
         tokens: tuple[int, int, int] | None = None,
         axes: tuple[int, int] | None = None,
+        channel: int | None = None,
     ) -> Field:
-        return cls(None, axes, merged, reason, tokens if merged is not None else None)
+        return cls(None, axes, merged, reason, tokens if merged is not None else None, channel)
 
 
-IMAGE = Field(Geometry(), (2, 3))  # the input (N, C, H, W): every pixel sees itself
+IMAGE = Field(Geometry(), (2, 3), channel=1)  # the input (N, C, H, W): every pixel sees itself
 Lookup = Callable[[Any], Field | None]  # a tensor's field; None: it does not depend on the input
 Fields = list[tuple[torch.Tensor, Field | None]]  # the fields of an op's outputs
 Found = Fields | None  # a rule's answer; None: it cannot follow this call
@@ -136,10 +138,13 @@ def _layout_kept(op: Op, reason: str) -> Field:
     out = op.outputs[0]
     if x is None or field is None or out.dim() != x.dim():
         return Field.unknown(reason)
-    dims = field.axes or ((field.merged,) if field.merged is not None else ())
-    if not dims or any(out.shape[d] != x.shape[d] for d in dims):
-        return Field.unknown(reason)
-    return Field.unknown(reason, field.merged, None, field.axes)  # tokens may have moved: not known
+
+    def kept(*dims: int | None) -> bool:
+        return all(d is not None and out.shape[d] == x.shape[d] for d in dims)
+
+    axes = field.axes if field.axes is not None and kept(*field.axes) else None
+    merged = field.merged if kept(field.merged) else None
+    return Field.unknown(reason, merged, None, axes, field.channel if kept(field.channel) else None)  # tokens may move
 
 
 def _first_map(op: Op) -> torch.Tensor | None:
@@ -153,11 +158,12 @@ def _attended(op: Op) -> Field:
     query = op.args[0] if op.args and isinstance(op.args[0], torch.Tensor) else None
     field = op.lookup(query)
     out = op.outputs[0]
+    last = out.dim() - 1  # features, for every token
     if query is None or field is None or field.merged is None or out.dim() != query.dim():
-        return Field.unknown(ATTENTION)
+        return Field.unknown(ATTENTION, channel=last)
     if out.shape[field.merged] != query.shape[field.merged]:
-        return Field.unknown(ATTENTION)
-    return Field.unknown(ATTENTION, field.merged, field.tokens)
+        return Field.unknown(ATTENTION, channel=last)
+    return Field.unknown(ATTENTION, field.merged, field.tokens, channel=last)
 
 
 # ------------------------------------------------------------------------------------------ rules
@@ -205,8 +211,8 @@ def _source(op: Op, index: int = 0) -> tuple[torch.Tensor, Field]:
 def _window(op: Op) -> Found:
     """Convolution or pooling over the last two dims of a (N, C, H, W) map."""
     x, field = _source(op)
-    if field.geometry is None and field.axes == (2, 3) and x.dim() == 4:
-        return op.each(Field.unknown(field.reason, axes=(2, 3)))
+    if field.geometry is None and x.dim() == 4:  # its output's last two dims are still a grid's rows and columns
+        return op.each(Field.unknown(field.reason, axes=(2, 3), channel=1))
     if field.geometry is None or field.axes != (2, 3) or x.dim() != 4:
         return None
     if any(op.lookup(t) is not None for t in tensors(op.args[1:])):
@@ -228,7 +234,7 @@ def _window(op: Op) -> Found:
         stride = kernel if stride == (0, 0) else stride
         padding = _pair(op.arg(3, "padding"), 0)
         dilation = (1, 1) if op.name == "avg_pool2d" else _pair(op.arg(4, "dilation"), 1)
-    return op.each(Field(field.geometry.after_window(kernel, stride, padding, dilation), (2, 3)))
+    return op.each(Field(field.geometry.after_window(kernel, stride, padding, dilation), (2, 3), channel=1))
 
 
 @_rule("adaptive_avg_pool2d", "adaptive_max_pool2d")
@@ -236,7 +242,7 @@ def _adaptive(op: Op) -> Found:
     """Adaptive pooling: the whole image for global pooling, else a window where the sizes divide."""
     x, field = _source(op)
     if field.geometry is None or field.axes is None:
-        return None if field.axes is None else op.each(Field.unknown(field.reason, axes=field.axes))
+        return None if field.axes is None else op.each(replace(field, tokens=None))
     out = op.outputs[0]
     sizes = [(x.shape[axis], out.shape[axis]) for axis in field.axes]  # (in, out) along rows, columns
     if sizes[0][1] == 1 and sizes[1][1] == 1:
@@ -248,7 +254,7 @@ def _adaptive(op: Op) -> Found:
         geo = field.geometry.after_window(step, step, (0, 0))
     else:
         return None  # windows of varying size: no single stride
-    return op.each(Field(geo, field.axes))
+    return op.each(Field(geo, field.axes, channel=field.channel))
 
 
 @_rule(
@@ -268,12 +274,16 @@ def _reduction(op: Op) -> Found:
     reduced = {_dim(d, x.dim()) for d in dims}
     out = op.outputs[0]
     keep = out.dim() == x.dim()
+    if field.channel in reduced:
+        field = replace(field, channel=None)
+    left = [d for d in range(x.dim()) if d not in reduced]
+    channel = field.channel if keep or field.channel is None else left.index(field.channel)
     spatial = set(field.axes) if field.axes is not None else set()
     spatial |= {field.merged} if field.merged is not None else set()
     if spatial and spatial <= reduced:  # every position: the whole image
         if keep and field.axes is not None:
-            return op.each(Field(Geometry.whole(op.image, stride=op.image), field.axes))
-        return op.each(Field(flat(Geometry.whole(op.image))))
+            return op.each(Field(Geometry.whole(op.image, stride=op.image), field.axes, channel=channel))
+        return op.each(Field(flat(Geometry.whole(op.image)), channel=channel))
     if spatial & reduced:
         return None  # rows only, or columns only
     if keep:
@@ -331,6 +341,8 @@ def combine(operands: Sequence[tuple[torch.Tensor, Field | None]], out: torch.Te
     unknown: list[Field] = []
     tokens: set[tuple[int, int, int] | None] = set()
     placed: set[tuple[int, int]] = set()  # rows and columns of unknown operands that keep them
+    channels = {f.channel + out.dim() - t.dim() for t, f in operands if f is not None and f.channel is not None}
+    channel = channels.pop() if len(channels) == 1 else None
     for t, field in operands:
         if field is None:
             continue
@@ -356,16 +368,16 @@ def combine(operands: Sequence[tuple[torch.Tensor, Field | None]], out: torch.Te
         reason = ATTENTION if ATTENTION in reasons else reasons[0]
         layout = placed | ({axes} if axes is not None else set())  # operands without a layout do not veto
         if len(layout) == 1 and along < 0:
-            return Field.unknown(reason, axes=layout.pop())
-        return Field.unknown(reason, along if along >= 0 else None, known)
+            return Field.unknown(reason, axes=layout.pop(), channel=channel)
+        return Field.unknown(reason, along if along >= 0 else None, known, channel=channel)
     if not parts:
         return None
     if axes is None:  # only flat operands: the union of their boxes
-        return Field(flat(Geometry.union(parts, (1, 1))))
+        return Field(flat(Geometry.union(parts, (1, 1))), channel=channel)
     size = (out.shape[axes[0]], out.shape[axes[1]])
     if any(extent[k] not in (1, size[k]) for _, extent in parts for k in (0, 1)):
         return None  # part of the map only (x[:, :, :4] = y)
-    return Field(Geometry.union(parts, size), axes)
+    return Field(Geometry.union(parts, size), axes, channel=channel)
 
 
 @_rule(
@@ -378,6 +390,11 @@ def _norm(op: Op) -> Found:
     x, field = _source(op)
     if any(op.lookup(t) is not None for t in tensors((op.args[1:], op.kwargs))):
         return None  # weights computed from the image
+    if op.name in ("layer_norm", "native_layer_norm", "rms_norm"):  # over the last dims: channels last
+        shape = op.arg(1, "normalized_shape")
+        field = replace(field, channel=x.dim() - 1) if isinstance(shape, int) or len(shape) == 1 else field
+    elif op.name != "normalize":  # batch, instance, group, local response: channels at dim 1
+        field = replace(field, channel=1)
     return [(t, field if t.shape == x.shape else Field.unknown("normalisation statistics")) for t in op.outputs]
 
 
@@ -395,10 +412,10 @@ def _linear(op: Op) -> Found:
         return None  # the map is the right operand (W @ x): contracted along another dim
     last = x.dim() - 1
     if field.merged == last:  # positions summed over: every output sees the whole image
-        return op.each(Field(flat(Geometry.whole(op.image))))
+        return op.each(Field(flat(Geometry.whole(op.image)), channel=last))
     if _spatial(field, last):
         return None
-    return op.each(field)
+    return op.each(replace(field, channel=last))  # its outputs are the channels
 
 
 def _tokens(field: Field) -> bool:
@@ -417,6 +434,8 @@ def _along(op: Op) -> Found:
 # ------------------------------------------------------------------------------------------ layout
 def _moved(field: Field, order: Sequence[int]) -> Field:
     """``field`` after the dims are reordered so that new dim i is old dim order[i]."""
+    if field.channel is not None:
+        field = replace(field, channel=order.index(field.channel))
     if field.axes is not None:
         return replace(field, axes=(order.index(field.axes[0]), order.index(field.axes[1])))
     if field.merged is not None:
@@ -466,26 +485,33 @@ def follow_reshape(before: Sequence[int], after: Sequence[int], dim: int) -> tup
 
 @_rule("view", "reshape", "unsafe_view", "reshape_alias", "flatten", "unflatten", "squeeze", "unsqueeze")
 def _reshape(op: Op) -> Found:
-    """A reshape keeps the spatial dims it leaves whole; merging them loses where units are."""
+    """A reshape keeps the spatial dims it leaves whole; merging them loses where units are. The
+    channels stay where the reshape keeps their dim whole."""
     x, field = _source(op)
     before, after = tuple(x.shape), tuple(op.outputs[0].shape)
+    how, j = follow_reshape(before, after, field.channel) if field.channel is not None else ("split", -1)
+    return op.each(replace(_reshaped(field, before, after, op.image), channel=j if how == "kept" else None))
+
+
+def _reshaped(field: Field, before: tuple[int, ...], after: tuple[int, ...], image: Pair) -> Field:
     if field.geometry is None and field.axes is not None:
-        return op.each(_merging(field, before, after, field.reason))
+        return _merging(field, before, after, field.reason)
     if field.geometry is None:
         how, j = follow_reshape(before, after, field.merged) if field.merged is not None else ("split", -1)
-        return op.each(Field.unknown(field.reason, j if how in ("kept", "merged") else None,
-                                     field.tokens if how == "kept" else None))  # fmt: skip
+        return Field.unknown(
+            field.reason, j if how in ("kept", "merged") else None, field.tokens if how == "kept" else None
+        )
     if field.axes is None:  # flat: (N, C) -> (N, C, 1, 1) makes a map of one unit
         if len(after) >= 3 and after[-2:] == (1, 1) and before[-2:] != (1, 1):
-            geo = Geometry(field.geometry.field, op.image, field.geometry.start)
-            return op.each(Field(geo, (len(after) - 2, len(after) - 1)))
-        return op.each(field)
+            geo = Geometry(field.geometry.field, image, field.geometry.start)
+            return Field(geo, (len(after) - 2, len(after) - 1))
+        return field
     (how_h, h), (how_w, w) = (follow_reshape(before, after, axis) for axis in field.axes)
     if how_h == how_w == "kept":
-        return op.each(Field(field.geometry, (h, w)))
+        return Field(field.geometry, (h, w))
     if how_h == how_w == "dropped":  # a map of one unit: its box, for every element
-        return op.each(Field(flat(field.geometry)))
-    return op.each(_merging(field, before, after, MERGED))
+        return Field(flat(field.geometry))
+    return _merging(field, before, after, MERGED)
 
 
 def _merging(field: Field, before: tuple[int, ...], after: tuple[int, ...], reason: str) -> Field:
@@ -510,7 +536,7 @@ def _shifted(field: Field, dim: int, offset: int, step: int = 1) -> Field:
     start, stride = list(field.geometry.start), list(field.geometry.stride)
     start[k] += offset * stride[k]
     stride[k] *= step
-    return Field(Geometry(field.geometry.field, (stride[0], stride[1]), (start[0], start[1])), field.axes)
+    return replace(field, geometry=Geometry(field.geometry.field, (stride[0], stride[1]), (start[0], start[1])))
 
 
 @_rule("pad", "constant_pad_nd", "reflection_pad2d", "replication_pad2d")
@@ -582,19 +608,27 @@ def _indexed(op: Op, field: Field, x: torch.Tensor, index: tuple[Any, ...]) -> F
         dim += 1
     for rest in range(dim, x.dim()):
         kept[rest], new = new, new + 1
+    found = _selected(field, x, index, kept, points)
+    channel = kept.get(field.channel) if field.channel is not None else None
+    return None if found is None else op.each(replace(found, channel=channel))
+
+
+def _selected(
+    field: Field, x: torch.Tensor, index: tuple[Any, ...], kept: dict[int, int], points: dict[int, int]
+) -> Field | None:
     if field.geometry is None:
         if field.axes is not None and field.axes[0] in kept and field.axes[1] in kept:
-            return op.each(Field.unknown(field.reason, axes=(kept[field.axes[0]], kept[field.axes[1]])))
+            return Field.unknown(field.reason, axes=(kept[field.axes[0]], kept[field.axes[1]]))
         if field.merged is None or field.merged not in kept:
-            return op.each(Field.unknown(field.reason))
-        return op.each(Field.unknown(field.reason, kept[field.merged], _sliced(field, x, index)))
+            return Field.unknown(field.reason)
+        return Field.unknown(field.reason, kept[field.merged], _sliced(field, x, index))
     if field.axes is None:
-        return op.each(field)
+        return field
     h, w = field.axes
     if h in kept and w in kept:
-        return op.each(Field(field.geometry, (kept[h], kept[w])))
+        return Field(field.geometry, (kept[h], kept[w]))
     if h in points and w in points:  # one unit: its box, for every element
-        return op.each(Field(flat(Geometry(field.geometry.field, (0, 0), field.geometry.centre(points[h], points[w])))))
+        return Field(flat(Geometry(field.geometry.field, (0, 0), field.geometry.centre(points[h], points[w]))))
     return None
 
 
@@ -621,6 +655,7 @@ def _split(op: Op) -> Found:
     if op.name == "unbind":
         if _spatial(field, dim):
             return None
+        field = replace(field, channel=None) if field.channel == dim else field
         return op.each(_moved(field, [d for d in range(x.dim()) if d != dim] + [dim]))
     if field.merged == dim and len(op.outputs) > 1:
         return None
@@ -655,7 +690,7 @@ def _cat(op: Op) -> Found:
         before = sum(t.shape[dim] for t in parts[: known[0][0]])  # constant tokens put first
         last = len(known) == 1 and known[0][0] == len(parts) - 1
         tokens = (field.tokens[0] + before, *field.tokens[1:]) if field.tokens and last else None
-        return op.each(Field.unknown(field.reason or MERGED, dim, tokens))
+        return op.each(Field.unknown(field.reason or MERGED, dim, tokens, channel=field.channel))
     combined = combine([(out, f) for _, f in known], out)
     return None if combined is None else op.each(combined)
 

@@ -25,10 +25,12 @@ def select_layers(layers: dict[str, LayerInfo], requested: Sequence[str] | None,
 
     Raises:
         UnknownLayerError: a name or glob matches nothing; lists names and suggests the closest.
+        UsageError: a chosen layer folds other data into the batch axis (it cannot be stored per image).
     """
     selectable = [name for name in layers if model.selectable is None or name in model.selectable]
-    if requested is None:
-        chosen = [n for n in selectable if layers[n].kind == "linear" and layers[n].nonlinearity != "none"]
+    if requested is None:  # layers that fold other data into the batch axis cannot be stored: left out
+        chosen = [n for n in selectable if layers[n].kind == "linear" and layers[n].nonlinearity != "none"
+                  and not layers[n].folded]  # fmt: skip
         if not chosen:
             raise UnknownLayerError(
                 f"model '{model.name}' has no conv/linear layer followed by a nonlinearity; name layers with --layers"
@@ -46,6 +48,14 @@ def select_layers(layers: dict[str, LayerInfo], requested: Sequence[str] | None,
                 f"(run 'fmap layers --model {model.source}' for the full list)"
             )
         wanted.update(matches)
+    folded = [name for name in selectable if name in wanted and layers[name].folded]
+    if folded:
+        more = f" and {len(folded) - 1} more fold" if len(folded) > 1 else " folds"
+        raise UsageError(
+            f"--layers: layer '{folded[0]}'{more} other data into the batch axis ({layers[folded[0]].folded} "
+            "rows per image, e.g. the windows of window attention), so fmap cannot store them per image; leave "
+            f"them out of --layers (run 'fmap layers --model {model.source}' to list the layers)"
+        )
     return [name for name in selectable if name in wanted]
 
 

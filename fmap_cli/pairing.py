@@ -106,6 +106,7 @@ class LayerInfo:
     field_note: str = ""  # why the receptive field is unknown (-1), in words
     axes: Axes = ()  # names of the output's axes, N first ("N,H,W,C"...): see axes.py
     tokens: Tokens | None = None  # what the token axis T holds (token maps only)
+    folded: int = 0  # rows of the output per image when other data is folded into the batch axis, else 0
     input_tags: list[tuple[str, str]] = field(default_factory=list)  # (layer, role) of the input tensor
 
     @property
@@ -186,6 +187,7 @@ class Recorder:
         self._expected = expected
         self._missing = sum(len(roles) for roles in expected.values()) if expected is not None else -1
         self.image_size = image_size
+        self._batch = 0  # images in the input
         self.layers: dict[str, LayerInfo] = {}
         self.events = 0
         self._scopes = [_Scope("", "", "container", "", None)]  # the model itself; not a layer
@@ -211,6 +213,7 @@ class Recorder:
 
     def start(self, x: torch.Tensor) -> None:
         """The model's input tensor."""
+        self._batch = x.shape[0]
         self._fields.set(x, fields.IMAGE)
         self._tags.set(x, [("input", "input")])
 
@@ -430,6 +433,7 @@ class Recorder:
         source = self.layers.get(info.input_tags[-1][0]) if info.input_tags else None
         upstream = ((t.shape[0], *source.output_shape), source.axes, source.tokens) if source and source.axes else None
         info.axes, info.tokens = detect(field, tuple(t.shape), info.type, upstream)
+        info.folded = t.shape[0] // self._batch if self._batch and t.shape[0] != self._batch else 0
         if field is None or field.geometry is None:
             info.receptive_field, info.stride, info.start = (-1, -1), (-1, -1), (float("nan"), float("nan"))
             info.field_note = field.reason if field is not None else fields.CONSTANT

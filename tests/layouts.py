@@ -1,5 +1,6 @@
 """Small models whose maps are not channels first (``--model tests/layouts.py:<factory>``), for the
-axes labels: a ConvNeXt-like channels-last MLP, a ViT-like token sequence and a 1-D convolution."""
+axes labels: a ConvNeXt-like channels-last MLP, a ViT-like token sequence, MaxViT-like windows and a
+1-D convolution."""
 
 from __future__ import annotations
 
@@ -83,6 +84,27 @@ class RowsAsChannels(nn.Module):
         return self.relu(self.conv(z.reshape(z.shape[0], -1, z.shape[3])))  # (N, 5, 6)
 
 
+class Windows(nn.Module):
+    """MaxViT's window partition: (N, C, H, W) -> (N, windows, positions in a window, C), an MLP
+    (LayerNorm, Linear, GELU, Linear) on that, then back to (N, C, H, W) and a convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 2, stride=2)
+        self.mlp = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 4))
+        self.conv = nn.Conv2d(4, 5, 3, padding=1)
+        self.relu = nn.ReLU()
+        _seeded(self, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)  # (N, 4, 8, 8) for 16 x 16 images: 2 x 2 windows of 4 x 4
+        n, c, h, w = x.shape
+        windows = x.reshape(n, c, 2, 4, 2, 4).permute(0, 2, 4, 3, 5, 1).reshape(n, 4, 16, c)
+        windows = windows + self.mlp(windows)
+        x = windows.reshape(n, 2, 2, 4, 4, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, h, w)
+        return self.relu(self.conv(x))
+
+
 def channels_last() -> ChannelsLast:
     return ChannelsLast(nn.GELU(), dead=False)
 
@@ -97,6 +119,10 @@ def vit() -> TinyViT:
 
 def vit_shuffled() -> TinyViT:
     return TinyViT(shuffled=True)
+
+
+def windows() -> Windows:
+    return Windows()
 
 
 def rows_as_channels() -> RowsAsChannels:

@@ -26,6 +26,7 @@ EXPECTED = {
     "channels_last": {"block.2": ("N,H,W,C", 3)},
     "vit": {"mlp.0": ("N,T,D", 2), "attention": ("N,T,D", 2), "patch": ("N,C,H,W", 1)},
     "rows_as_channels": {"conv": ("N,C,L", 1)},
+    "windows": {"mlp.1": ("N,P,Q,C", 3), "mlp.0": ("N,P,Q,C", 3), "conv": ("N,C,H,W", 1)},
 }
 SIZE = 16
 
@@ -81,7 +82,7 @@ def check_statistics(path: Path, expected: dict[str, tuple[str, int]]) -> None:
             np.testing.assert_array_equal(stats["image_argmax"][()], where, err_msg=f"{name} image_argmax")
 
 
-@pytest.mark.parametrize("factory", ["channels_last_relu", "channels_last", "vit", "rows_as_channels"])
+@pytest.mark.parametrize("factory", ["channels_last_relu", "channels_last", "vit", "rows_as_channels", "windows"])
 def test_axes_labels_and_statistics_follow_the_channel_axis(factory: str, images: list[Path], tmp_path: Path) -> None:
     out = extract(images, factory, tmp_path / "out.h5", "--save-input", "--verify")
     expected = EXPECTED[factory]
@@ -303,3 +304,25 @@ def test_project_seeds_the_unit_of_the_right_channel(images: list[Path], tmp_pat
     moved = np.abs(projected).sum(axis=0)  # (H, W)
     assert np.flatnonzero(moved.sum(axis=1)).tolist() == [6, 7]  # rows 2*3, 2*3+1
     assert np.flatnonzero(moved.sum(axis=0)).tolist() == [10, 11]  # columns 2*5, 2*5+1
+
+
+def test_layers_that_fold_windows_into_the_batch_axis_are_refused_before_any_work(
+    images: list[Path], tmp_path: Path
+) -> None:
+    """Swin's window attention runs on (N x windows, positions, C): no map per image to store."""
+    out = tmp_path / "out.h5"
+    result = invoke("extract", *images, "--model", f"{REPO}/tests/zoo.py:transformer", "--size", SIZE,
+                    "--layers", "swin*", "--device", "cpu", "-o", out)  # fmt: skip
+    assert error_line(result, 2) == (
+        "Error: --layers: layer 'swin.qkv' and 1 more fold other data into the batch axis (4 rows per image, e.g. "
+        "the windows of window attention), so fmap cannot store them per image; leave them out of --layers (run "
+        f"'fmap layers --model {REPO}/tests/zoo.py:transformer' to list the layers)"
+    )
+    assert not out.exists()
+    kept = "swin,swin.norm1,swin.norm2,swin.mlp*"
+    ok(invoke("extract", *images, "--model", f"{REPO}/tests/zoo.py:transformer", "--size", SIZE,
+              "--layers", kept, "--device", "cpu", "--verify", "-o", out))  # fmt: skip
+    with h5py.File(out, "r") as f:  # the Swin block's own map, (N, H, W, C) before and after the windows
+        labels = {name: f["layers"][name]["preactivation"].attrs["axes"] for name in f["layers"]}
+    assert sorted(labels) == ["swin", "swin.mlp", "swin.mlp.0", "swin.mlp.1", "swin.mlp.2", "swin.norm1", "swin.norm2"]
+    assert set(labels.values()) == {"N,H,W,C"}

@@ -57,7 +57,7 @@ TORCHVISION: dict[str, tuple[int, str | None]] = {
     "regnet_y_400mf": (64, None),
     "convnext_tiny": (64, None),
     "vit_b_16": (224, "conv_proj,encoder.layers.encoder_layer_0*"),
-    "swin_t": (224, "features.0*,features.1.0*"),
+    "swin_t": (224, "features.0*,features.1.0,features.1.0.norm*,features.1.0.attn,features.1.0.mlp*"),
     "maxvit_t": (224, "stem*,blocks.0.layers.0.layers.MBconv*"),
 }
 TIMM: dict[str, tuple[int, str | None]] = {
@@ -70,11 +70,9 @@ TIMM: dict[str, tuple[int, str | None]] = {
     "vit_tiny_patch16_224": (224, "patch_embed*,blocks.0*"),
 }
 # Known fmap bugs, reported rather than worked around; strict, so a fix shows up as a failure here.
-KNOWN: dict[str, str] = {
-    "torchvision:swin_t": "window attention folds windows into the batch dimension: the map of "
-    "'features.1.0.attn:linear' has 64 rows for 1 image and the writer fails with a traceback (TypeError: "
-    "Can't broadcast (64, 49, 288) -> (1, 49, 288))",
-}
+KNOWN: dict[str, str] = {}
+# Layers no file can hold per image: Swin's window attention runs on (N x windows, positions, C).
+FOLDED = {"torchvision:swin_t": ("features.1.0*", "features.1.0.attn:linear", 64)}
 MODELS = [
     pytest.param(model, marks=pytest.mark.xfail(reason=KNOWN[model], strict=True)) if model in KNOWN else model
     for model in [f"torchvision:{name}" for name in TORCHVISION] + [f"timm:{name}" for name in TIMM]
@@ -161,10 +159,57 @@ def test_zoo_model(model: str, tmp_path: Path) -> None:
         names = list(f.attrs["layers"])
     assert names and all(name in listed.stdout for name in names)
     checked, stored = independent_check(out, reference)
+    labelled = check_axes(out, reference)
     seconds = time.perf_counter() - started
     print(f"\nZOO {model}: {len(names)} layers, {checked}/{stored} maps recomputed by hooks, {seconds:.1f} s")
     print(f"ZOO {model}: {verified}")
+    print(f"ZOO {model}: axes {labelled}")
     assert checked > 0
+
+
+# Where each module type puts its channels, as PyTorch documents it: the test's own knowledge.
+CHANNELS_FIRST = (nn.Conv2d, nn.BatchNorm2d)
+CHANNELS_LAST = (nn.Linear, nn.LayerNorm)
+
+
+def check_axes(out: Path, model: nn.Module) -> dict[str, int]:
+    """Each stored conv, batch norm, linear and layer norm has its channels where PyTorch puts them
+    (dim 1, or the last), and the file's per-channel statistics are numpy's over that dim; returns
+    how many layers of each label were checked."""
+    modules = dict(model.named_modules())
+    counts: dict[str, int] = {}
+    with h5py.File(out, "r") as f:
+        for name in f.attrs["layers"]:
+            group = f["layers"][name]
+            z = group["preactivation"]
+            axes = str(z.attrs["axes"]).split(",")
+            assert len(axes) == z.ndim and axes[0] == "N", (name, axes)
+            module = modules.get(name)
+            if not isinstance(module, CHANNELS_FIRST + CHANNELS_LAST) or z.ndim < 3:
+                continue
+            channel = 1 if isinstance(module, CHANNELS_FIRST) else z.ndim - 1
+            assert axes[channel] in ("C", "D"), (name, axes)
+            values = z[()].astype(np.float64)
+            over = tuple(d for d in range(z.ndim) if d != channel)
+            np.testing.assert_allclose(group["stats/preactivation_mean"][()], values.mean(axis=over), rtol=1e-5,
+                                       atol=1e-5 * max(1.0, float(np.abs(values).max())), err_msg=name)  # fmt: skip
+            np.testing.assert_array_equal(group["stats/preactivation_max"][()], values.max(axis=over), err_msg=name)
+            counts[",".join(axes)] = counts.get(",".join(axes), 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("model", sorted(FOLDED))
+def test_layers_folded_into_the_batch_axis_are_refused_in_one_line(model: str, tmp_path: Path) -> None:
+    pattern, first, rows = FOLDED[model]
+    size = setting(model)[0]
+    make_photo(size, size).save(tmp_path / "img.png")
+    result = invoke("extract", tmp_path / "img.png", "--model", model, "--size", size, "--layers", pattern,
+                    "--device", "cpu", "-o", tmp_path / "out.h5")  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.stderr.splitlines()[-1].startswith(
+        f"Error: --layers: layer '{first}' and 1 more fold other data into the batch axis ({rows} rows per image"
+    ), result.stderr
 
 
 # The model's own preprocessing (issue 10, section 1): fmap's /input for a model given without --size is

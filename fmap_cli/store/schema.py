@@ -37,6 +37,8 @@ AXES = {
     "H": "rows of the image grid",
     "W": "columns of the image grid",
     "L": "positions along a sequence fmap cannot place in the image (e.g. after a 1-D convolution)",
+    "P": "positions fmap cannot place in the image, the first of two such axes (e.g. the windows of window attention)",
+    "Q": "positions fmap cannot place in the image, the second of two such axes (e.g. the positions in each window)",
     "T": "tokens: a sequence that runs over image positions (rows and columns merged), see the layer's 'tokens'",
     "D": "features of each token (the channels of a token map)",
 }
