@@ -13,19 +13,21 @@ the full pass's, bit for bit.
 A replay checks, op by op, that the model takes the same path: the same function, each tensor
 argument the output of the same earlier op or the same parameter (so the same module's weights),
 and held maps of the same shapes. Anything else (data-dependent control flow or routing) raises
-:class:`Diverged`, and capture runs that batch the full way instead. Module calls are not seen:
-a model choosing by its data between two parameter-free modules (two ReLUs) on the same tensor
-would keep its plan, and its maps the names of the first batch's choice.
+:class:`Diverged`, and capture runs that batch the full way instead. Module calls are not hooked; where a
+map is held, the module whose call ran the op is read from the Python stack and checked too (a
+model choosing by its data between two ReLU modules, or a module and ``F.relu``).
 """
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from . import fields
 from .pairing import LayerMaps, Recorder, StopForward, _Box, _TensorMap
@@ -46,6 +48,7 @@ class Plan:
     funcs: list[Any]  # the function of each step, up to the last one needed
     sources: list[tuple[int, ...]]  # per step: where each tensor argument comes from (see ``sources``)
     holds: list[tuple[tuple[int, int], ...]]  # per step: (box, index among the op's output tensors) to hold
+    callers: dict[int, Any]  # per step with holds: the module whose call ran the op (``innermost_module``)
     clones: list[tuple[int, ...]]  # per step: boxes to copy before the op runs (it writes into them)
     input_holds: tuple[int, ...]  # boxes holding the model's input
     shapes: list[tuple[int, ...]]  # per box: the shape of the tensor it holds
@@ -55,6 +58,20 @@ class Plan:
     def last(self) -> int:
         """The step after which every map is held (INPUT: before any op); a replay stops at the next op."""
         return len(self.funcs) - 1
+
+
+_CALL = nn.Module._call_impl.__code__
+
+
+def innermost_module() -> nn.Module | None:
+    """The module whose call is running the caller (the innermost ``nn.Module.__call__`` on the stack)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _CALL:
+            module: nn.Module = frame.f_locals["self"]
+            return module
+        frame = frame.f_back  # type: ignore[assignment]  # None ends the loop
+    return None
 
 
 def sources(args: Sequence[Any], origin: Callable[[torch.Tensor], int]) -> tuple[int, ...]:
@@ -77,6 +94,7 @@ class Planner(Recorder):
         super().__init__(expected, image_size)
         self._funcs: list[Any] = []
         self._sources: list[tuple[int, ...]] = []
+        self._callers: list[Any] = []
         self._made = _TensorMap()  # tensor -> (step, index among that op's output tensors)
         self._origins: dict[_Box, tuple[int, int] | None] = {}
         self._copied: list[tuple[int, _Box]] = []  # (step, box) for each copy before an in-place op
@@ -92,6 +110,7 @@ class Planner(Recorder):
         step = self._step = len(self._funcs)
         self._funcs.append(func)
         self._sources.append(sources(args, self._origin))
+        self._callers.append(innermost_module())
 
         def ran() -> Any:
             result = run()
@@ -136,6 +155,7 @@ class Planner(Recorder):
             funcs=self._funcs[: last + 1],
             sources=self._sources[: last + 1],
             holds=[tuple(h) for h in holds],
+            callers={step: self._callers[step] for step, h in enumerate(holds) if h},
             clones=[tuple(c) for c in clones],
             input_holds=tuple(i for i, (step, _) in enumerate(known) if step == INPUT),
             shapes=[tuple(box.t.shape) for box in boxes],
@@ -190,6 +210,9 @@ class Replay:
                 self._made[id(t)] = (weakref.ref(t), step)
         holds = plan.holds[step]
         if holds:
+            if innermost_module() is not plan.callers[step]:  # another module ran the same op (two ReLUs)
+                self._diverged = True
+                raise Diverged
             outputs = [result] if isinstance(result, torch.Tensor) else list(fields.tensors(result))
             for i, index in holds:
                 self._hold(i, outputs[index])

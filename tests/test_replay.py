@@ -15,6 +15,7 @@ from torch import nn
 
 from fmap_cli import capture as capture_module
 from fmap_cli.capture import LayerMaps, capture, discover
+from fmap_cli.errors import ModelError
 from fmap_cli.replay import Planner, Replay
 
 Maps = dict[str, LayerMaps]
@@ -182,6 +183,38 @@ def test_another_path_falls_back_to_the_full_pairing(factory: Callable[[], nn.Mo
     if factory in (Routed, Swapped):  # the pairing really differs between the two paths
         assert torch.equal(got["bright"]["left"].a, got["bright"]["relu1"].a)
         assert torch.equal(got["dark"]["left"].a, got["dark"]["relu2"].a)
+
+
+class TwoActivations(nn.Module):
+    """The same ops on the same tensors, but the ReLU module that runs (or ``F.relu`` itself)
+    depends on the input's values: only the module calls tell the paths apart."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.functional = functional
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act_a = nn.ReLU()
+        self.act_b = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x)
+        if x.mean() > 0:
+            return self.act_a(z)
+        return torch.nn.functional.relu(z) if self.functional else self.act_b(z)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_another_module_running_the_same_op_is_another_path(functional: bool) -> None:
+    """The full pairing says act_a did not run on the dark input; so must the replay."""
+    model = TwoActivations(functional).eval()
+    bright, dark = torch.rand(2, 3, 10, 10) + 0.1, -torch.rand(2, 3, 10, 10) - 0.1
+    layers = discover(model, bright[:1])
+    with capture(model, layers, ["conv", "act_a"]) as run:
+        run(bright)
+        run(bright)
+        with pytest.raises(ModelError, match="layer 'act_a' produced no "):
+            run(dark)
 
 
 def test_a_model_that_keeps_changing_path_stops_being_planned(monkeypatch: pytest.MonkeyPatch) -> None:
