@@ -536,8 +536,9 @@ def layers(
     model: str | None, weights: str | None, model_args: tuple[str, ...], size: tuple[int, int] | None,
     patterns: list[str] | None,
 ) -> None:  # fmt: skip
-    """List the layers --layers accepts: type, output shape, the nonlinearity each pairs with
-    (and what lies between z and a), receptive field and stride in input pixels.
+    """List the layers --layers accepts: type, output shape and its axes (C, H, W; H, W, C; T, D; ...),
+    receptive field and stride in input pixels, the nonlinearity each pairs with (and what lies
+    between z and a).
 
     \b
       fmap layers
@@ -552,13 +553,14 @@ def layers(
         found = describe_layers(loaded, size, size_flag=size is not None)
         keep = select_layers(found, patterns, loaded) if patterns else loaded.selectable or list(found)
         found = {name: found[name] for name in keep}
-    rows = [("layer", "type", "output", "rf", "stride", "f", "z -> a")]
+    rows = [("layer", "type", "output", "axes", "rf", "stride", "f", "z -> a")]
     for name, info in found.items():
         rows.append(
             (
                 name,
                 info.type,
                 "x".join(str(n) for n in info.output_shape),
+                ",".join(info.axes[1:]),  # per image, as output
                 "?" if info.receptive_field[0] < 0 else "x".join(str(n) for n in info.receptive_field),
                 "?" if info.stride[0] < 0 else "x".join(str(n) for n in info.stride),
                 info.nonlinearity,

@@ -134,9 +134,9 @@ def layer_rows(stdout: str) -> dict[str, list[str]]:
 def test_layers_shows_shapes_and_receptive_fields() -> None:
     rows = layer_rows(invoke("layers").stdout)
     assert list(rows) == ["conv1", "pool1", "conv2"]
-    assert rows["conv1"][1:6] == ["conv2d", "16x112x112", "7x7", "2x2", "relu"]
-    assert rows["pool1"][1:6] == ["maxpool2d", "16x56x56", "9x9", "4x4", "none"]
-    assert rows["conv2"][1:6] == ["conv2d", "16x56x56", "17x17", "4x4", "relu"]
+    assert rows["conv1"][1:7] == ["conv2d", "16x112x112", "C,H,W", "7x7", "2x2", "relu"]
+    assert rows["pool1"][1:7] == ["maxpool2d", "16x56x56", "C,H,W", "9x9", "4x4", "none"]
+    assert rows["conv2"][1:7] == ["conv2d", "16x56x56", "C,H,W", "17x17", "4x4", "relu"]
 
 
 def test_layers_size_option_changes_shapes(tiny_model: Path) -> None:

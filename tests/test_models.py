@@ -719,9 +719,9 @@ def test_safe_pt2_loads_and_computes_what_the_eager_model_does(tiny_pt2: Path) -
     result = invoke("layers", "--model", tiny_pt2, "--size", "16")
     assert result.exit_code == 0, result.output
     assert result.output == (
-        "layer  type    output   rf   stride  f     z -> a\n"
-        "conv   Conv2d  4x16x16  3x3  1x1     relu  add -> :relu\n"
-        ":relu  relu    4x16x16  3x3  1x1     relu  :relu\n"
+        "layer  type    output   axes   rf   stride  f     z -> a\n"
+        "conv   Conv2d  4x16x16  C,H,W  3x3  1x1     relu  add -> :relu\n"
+        ":relu  relu    4x16x16  C,H,W  3x3  1x1     relu  :relu\n"
     )
 
 
@@ -1179,16 +1179,17 @@ def test_unknown_layer_is_a_usage_error_with_a_hint(
 
 
 def layers_table(monkeypatch: pytest.MonkeyPatch, size: str) -> dict[str, list[str]]:
-    """`fmap layers` rows: name -> [type, output, rf, stride, f, path]."""
+    """`fmap layers` rows: name -> [type, output, rf, stride, f, path] (every map is C,H,W here)."""
     monkeypatch.chdir(REPO)
     result = invoke("layers", "--model", f"{ZOO}:resnet18", "--size", size)
     assert result.exit_code == 0, result.output
     header, *lines = result.stdout.splitlines()
-    assert header.split()[:6] == ["layer", "type", "output", "rf", "stride", "f"]
+    assert header.split()[:7] == ["layer", "type", "output", "axes", "rf", "stride", "f"]
     rows = {}
     for line in lines:
-        name, *cols = line.split(None, 6)
-        rows[name] = [*cols, ""][:6]
+        name, kind, output, axes, *cols = line.split(None, 7)
+        assert axes == ("C" if output.count("x") == 0 else "C,H,W"), line
+        rows[name] = [kind, output, *cols, ""][:6]
     return rows
 
 
