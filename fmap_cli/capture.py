@@ -199,7 +199,8 @@ def capture(
     diverged = 0  # batches that left their plan: past MAX_DIVERGED, every batch takes the full path
 
     def full(x: torch.Tensor, key: tuple[Any, ...]) -> dict[str, LayerMaps]:
-        recorder = Planner(expected, image_size=(x.shape[-2], x.shape[-1]))
+        size = (x.shape[-2], x.shape[-1])
+        recorder = Planner(expected, size) if diverged < MAX_DIVERGED else Recorder(expected, size)
         _forward(model, x, recorder)
         maps = recorder.maps
         for name, roles in expected.items():
@@ -210,7 +211,7 @@ def capture(
                         f"layer '{name}' produced no {role} for this batch: the model took another path through "
                         "its code (data-dependent control flow) than for the blank image used to list its layers"
                     )
-        plans[key] = recorder.plan() if diverged < MAX_DIVERGED else None
+        plans[key] = recorder.plan() if isinstance(recorder, Planner) else None
         return maps
 
     def run(x: torch.Tensor) -> dict[str, LayerMaps]:
