@@ -9,6 +9,11 @@ union of what its operands' units see, whatever the operand order and with broad
 (a token sequence, after a reshape that merged rows and columns) has an unknown field, with the
 reason in words; so does the result of any op no rule here follows.
 
+A field also says which dims hold what, for naming the axes of stored maps (``axes.py``): the
+rows and columns (kept where the geometry is unknown but the dims survive, e.g. ``torch.roll``),
+the token dim of a sequence with its class-token prefix and patch grid where known, and the
+channel dim where an op says so (convolution, batch norm: 1; linear, layer norm, attention: last).
+
 Normalisation statistics (layer, group or instance norm) are not counted: they rescale a map
 but do not move what its units see. Tensors that do not depend on the input (parameters,
 constants) have no field at all: they join an op without widening anything.

@@ -50,11 +50,11 @@ def select_layers(layers: dict[str, LayerInfo], requested: Sequence[str] | None,
         wanted.update(matches)
     folded = [name for name in selectable if name in wanted and layers[name].folded]
     if folded:
-        more = f" and {len(folded) - 1} more fold" if len(folded) > 1 else " folds"
+        more, them = (f" and {len(folded) - 1} more fold", "them") if len(folded) > 1 else (" folds", "it")
         raise UsageError(
             f"--layers: layer '{folded[0]}'{more} other data into the batch axis ({layers[folded[0]].folded} "
-            "rows per image, e.g. the windows of window attention), so fmap cannot store them per image; leave "
-            f"them out of --layers (run 'fmap layers --model {model.source}' to list the layers)"
+            f"rows per image, e.g. the windows of window attention), so fmap cannot store {them} per image; leave "
+            f"{them} out of --layers (run 'fmap layers --model {model.source}' to list the layers)"
         )
     return [name for name in selectable if name in wanted]
 

@@ -515,16 +515,18 @@ def windows() -> nn.Module:
 
 
 def test_a_layer_that_folds_the_batch_axis_is_one_line(tmp_path: Path) -> None:
-    """Swin's attention layers have one row per window: the writer used to crash with a traceback."""
+    """Swin's attention layers have one row per window: the writer used to crash with a traceback; now
+    --layers refuses them before any image is read."""
     factory = tmp_path / "windows.py"
     factory.write_text(FOLDING_MODEL)
     images = write_photos(tmp_path / "imgs", 3)
     out = tmp_path / "out.h5"
     args = ["--model", f"{factory}:windows", "--size", "16", "-o", out, "--device", "cpu"]
-    line = error_line(invoke("extract", *images, *args, "--layers", "inner"), 1)
+    line = error_line(invoke("extract", *images, *args, "--layers", "inner"), 2)
     assert line == (
-        "Error: layer 'inner': its output has 12 rows for 3 image(s) (the model folds other data, e.g. attention "
-        "windows, into the batch axis); fmap stores one map per image: choose another layer"
+        "Error: --layers: layer 'inner' folds other data into the batch axis (4 rows per image, e.g. the windows of "
+        f"window attention), so fmap cannot store it per image; leave it out of --layers (run 'fmap layers "
+        f"--model {factory}:windows' to list the layers)"
     )
     assert not out.exists() and not partials(out)
     ok(invoke("extract", *images, *args, "--layers", "stem"))
