@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,10 +172,14 @@ def test_pool_channel_stats_matches_numpy() -> None:
          b.shape[1])
         for b in blocks
     ]  # fmt: skip
-    pooled, x = pool_channel_stats(parts), np.concatenate(blocks, axis=1)
+    pooled = None
+    for summary, count in parts:  # one shard at a time, as merge visits them
+        pooled = pool_channel_stats(pooled, summary, count)
+    assert pooled is not None
+    x = np.concatenate(blocks, axis=1)
     expected = {"min": x.min(1), "max": x.max(1), "mean": x.mean(1), "std": x.std(1), "negatives": (x < 0).mean(1)}
-    for key, value in expected.items():
-        np.testing.assert_allclose(pooled[key], value, rtol=1e-12)
+    for key, value in pooled.summary().items():
+        np.testing.assert_allclose(value, expected[key], rtol=1e-12)
 
 
 def test_merged_file_follows_the_schema(shards: list[Path], tmp_path: Path) -> None:
@@ -478,3 +484,139 @@ def test_virtual_merge_refuses_shards_outside_the_output_directory(shards: list[
     below = tmp_path / "all.h5"  # the shards lie in tmp_path/shards: below OUT's directory
     assert CliRunner().invoke(cli, ["merge", *map(str, shards), "-o", str(below), "--virtual"]).exit_code == 0
     assert CliRunner().invoke(cli, ["inspect", str(below)]).exit_code == 0
+
+
+# ---------------------------------------------------------------------------- many shards, mixed compressors
+
+MANY = 50  # shards, more than LIMITED lets a process open at once
+LIMITED = """
+import resource, sys
+from pathlib import Path
+
+import h5py
+
+from fmap_cli.store.merge import merge_shards
+
+out, kind, *paths = sys.argv[1:]
+resource.setrlimit(resource.RLIMIT_NOFILE, (32, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:  # the limit bites: these shards cannot all be open at once
+    opened = [h5py.File(p, "r") for p in paths]
+except OSError as exc:
+    print(exc.errno)
+merge_shards([Path(p) for p in paths], Path(out), virtual=kind == "virtual")
+"""
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """MANY one-image shards of a job of MANY images, fast: shard 0 extracted, the others its copies
+    given their own share (shard_index, /images/index) and rows and statistics of their own."""
+    root = tmp_path_factory.mktemp("many")
+    (root / "tiny.toml").write_text(TINY_SPEC)
+    np.savez(root / "tiny.npz", **tiny_weights())
+    photos = [root / f"img{i:02d}.png" for i in range(MANY)]
+    for i, path in enumerate(photos):
+        make_photo(8, 8, seed=i).save(path)
+    first = root / "shards" / "shard_00.h5"
+    first.parent.mkdir()
+    extract(extract_options(photos, out=first, model=str(root / "tiny.toml"), shard=Shard(0, MANY), device="cpu"))
+    made = [first]
+    for k in range(1, MANY):
+        made.append(Path(shutil.copy(first, first.with_name(f"shard_{k:02d}.h5"))))
+        with h5py.File(made[-1], "r+") as f:
+            f.attrs["shard_index"] = np.int64(k)
+            f["images/index"][0] = k
+            f["images/original_size"][0] = (k, k + 1)
+            maps, stats = f["layers/conv1/activation"], f["layers/conv1/stats"]
+            maps[0] = maps[0] * k
+            stats["activation_max"][...] = stats["activation_max"][...] * k
+            stats["activation_mean"][...] = stats["activation_mean"][...] + k
+    return made
+
+
+@pytest.mark.parametrize("kind", ["copy", "virtual"])
+def test_more_shards_than_a_process_may_open(many: list[Path], kind: str) -> None:
+    """A SLURM array of MANY tasks merged under an open-file limit of 32 (HDF5 holds a descriptor
+    per open file) gives the same file as merging them without the limit."""
+    limited, free = (many[0].parent.parent / f"{name}_{kind}.h5" for name in ("limited", "free"))
+    done = subprocess.run([sys.executable, "-c", LIMITED, str(limited), kind, *map(str, many)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert (done.returncode, done.stdout) == (0, f"{errno.EMFILE}\n"), done.stderr
+    merge_shards(many, free, virtual=kind == "virtual")
+    with h5py.File(limited, "r") as f, h5py.File(free, "r") as g:
+        assert_same_file(f, g)
+        assert f["images/index"][...].tolist() == list(range(MANY))
+        assert f["images/original_size"][1:, 0].tolist() == list(range(1, MANY))
+        with h5py.File(many[0], "r") as shard:
+            k = np.arange(MANY, dtype=np.float64)[:, None]  # (MANY, 1): shard k's values, as made above
+            maps = shard["layers/conv1/activation"][0] * np.maximum(k, 1)[:, :, None, None]
+            np.testing.assert_array_equal(f["layers/conv1/activation"][...], maps.astype(np.float32))
+            stats = shard["layers/conv1/stats"]
+            np.testing.assert_allclose(
+                f["layers/conv1/stats/activation_mean"][...], (stats["activation_mean"][...] + k).mean(0), rtol=1e-6
+            )
+            np.testing.assert_array_equal(
+                f["layers/conv1/stats/activation_max"][...],
+                (stats["activation_max"][...] * np.maximum(k, 1)).max(0).astype(np.float32),
+            )
+        if kind == "virtual":
+            assert len({s.file_name for s in f["layers/conv1/activation"].virtual_sources()}) == MANY
+
+
+def assert_same_file(f: h5py.File, g: h5py.File) -> None:
+    """The same nodes and attributes (the root's but its creation time), values, stored map chunks
+    and virtual sources."""
+    assert_same_nodes_and_attributes(f, g)
+    assert set(f.attrs) == set(g.attrs)
+    for key in set(g.attrs) - {"created"}:
+        np.testing.assert_array_equal(f.attrs[key], g.attrs[key], err_msg=key)
+    for name in _visit(g):
+        ours, theirs = f[name], g[name]
+        if not isinstance(theirs, h5py.Dataset):
+            continue
+        assert (ours.dtype, ours.chunks, ours.compression, ours.is_virtual) == (
+            theirs.dtype, theirs.chunks, theirs.compression, theirs.is_virtual,
+        ), name  # fmt: skip
+        if theirs.dtype.kind == "O":
+            assert ours.asstr()[...].tolist() == theirs.asstr()[...].tolist(), name
+        else:
+            np.testing.assert_array_equal(ours[...], theirs[...], err_msg=name)
+        if theirs.is_virtual:
+            where = [(s.file_name, s.dset_name) for s in theirs.virtual_sources()]
+            assert [(s.file_name, s.dset_name) for s in ours.virtual_sources()] == where, name
+        elif theirs.chunks is not None and theirs.chunks[0] == 1 and theirs.ndim > 1:
+            assert stored_chunks(ours) == stored_chunks(theirs), name
+
+
+def stored_chunks(ds: h5py.Dataset) -> list[tuple[tuple[int, ...], bytes]]:
+    """Every chunk's offset and stored (compressed) bytes."""
+    offsets = [ds.id.get_chunk_info(i).chunk_offset for i in range(ds.id.get_num_chunks())]
+    return [(offset, ds.id.read_direct_chunk(offset)[1]) for offset in offsets]
+
+
+def test_mixed_compressors_are_recorded(make: Make, whole: Path, tmp_path: Path, monkeypatch) -> None:
+    """Shards compressed with ISA-L and with the zlib fallback (where isal does not import): the merged
+    file names both, in shard order, and a shard from before the attribute as unrecorded."""
+    isal = pytest.importorskip("isal")
+    from fmap_cli.store import chunks
+
+    parts = {k: make(f"s{k}.h5", (k, 3)) for k in (0, 2)}
+    monkeypatch.setattr(chunks, "deflater", chunks.zlib_deflater)
+    parts[1] = make("s1.h5", (1, 3))
+    fast, fallback = f"isal {isal.__version__} level 1", f"zlib {zlib.ZLIB_RUNTIME_VERSION} level 1"
+
+    def merged(name: str, virtual: bool = False) -> str | None:
+        out = merge_shards([parts[2], parts[1], parts[0]], parts[0].with_name(name), virtual=virtual).out
+        with h5py.File(out, "r") as f, h5py.File(whole, "r") as g:
+            for layer in LAYERS:
+                for role in ROLES:
+                    np.testing.assert_array_equal(f[f"layers/{layer}/{role}"][...], g[f"layers/{layer}/{role}"][...])
+            return f.attrs.get("compressor")
+
+    assert merged("all.h5") == merged("virtual.h5", virtual=True) == f"{fast}, {fallback}"
+    for k in (1, 0, 2):  # files written before the attribute; the last leaves none
+        with h5py.File(parts[k], "r+") as f:
+            del f.attrs["compressor"]
+        if k == 1:
+            assert merged("unrecorded.h5") == f"{fast}, unrecorded (zlib)"
+    assert merged("none.h5") is None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,10 @@ from .stats import SUMMARY, ChannelStats
 DIMENSION_ATTRS = frozenset(schema.HDF5_DIMENSION_ATTRS)
 # Root attributes that describe one run rather than the merged file; set afresh.
 RUN_ATTRS = frozenset({"shard_index", "shard_count", "complete", "n_images", "created", "command", "fmap_version"})
+# Root attributes that may differ between the shards of one job (where each ran, which library
+# compressed its chunks): the merged file holds their distinct values in shard order, joined with
+# ", "; a shard without one counts as the value given here.
+JOINED = {"device": "?", "torch_version": "?", "compressor": "unrecorded (zlib)"}
 FAILURES = schema.FAILURES
 BLOCK_BYTES = 64 << 20  # rows of small datasets read at a time
 
@@ -271,16 +275,20 @@ def _write(
     command: str,
     stop_requested: StopRequested,
 ) -> int:
-    """Build the merged file under a temporary name and publish it as ``out``; returns raw bytes copied."""
+    """Build the merged file under a temporary name and publish it as ``out``; returns raw bytes copied.
+
+    Two shard files are open at a time, the first (whose tree the merged file copies) and the one
+    being copied: a job may have more shards than a process may open files (often 1024).
+    """
     with AtomicOutput(out, overwrite) as output:
         try:
             with ExitStack() as stack:
-                sources = [stack.enter_context(h5py.File(s.path, "r")) for s in shards]
+                first = stack.enter_context(h5py.File(shards[0].path, "r"))
                 f = stack.enter_context(h5py.File(output.path, "w", locking=False))  # AtomicOutput locks it
-                _root_attrs(f, sources, shards, command)
+                _root_attrs(f, first, shards, command)
                 if virtual:
                     set_attrs(f, virtual=1)
-                copied = _Merger(f, sources, shards, out, virtual, stop_requested).run()
+                copied = _Merger(f, first, shards, out, virtual, stop_requested).run()
                 set_attrs(f, complete=1)
         except OSError as exc:
             raise FmapError(f"{out}: cannot write merged file: {exc.strerror or first_line(exc)}") from None
@@ -290,11 +298,10 @@ def _write(
     return copied
 
 
-def _root_attrs(f: h5py.File, sources: Sequence[h5py.File], shards: Sequence[ShardFile], command: str) -> None:
-    first = sources[0]
+def _root_attrs(f: h5py.File, first: h5py.File, shards: Sequence[ShardFile], command: str) -> None:
+    """The first shard's root attributes, less those of one run; :data:`JOINED` ones come later."""
     _check_documented("", first)
-    _copy_attrs(first, f, RUN_ATTRS)
-    devices, versions = ({str(src.attrs.get(key, "?")): None for src in sources} for key in ("device", "torch_version"))
+    _copy_attrs(first, f, RUN_ATTRS | frozenset(JOINED))
     set_attrs(
         f,
         complete=0,
@@ -302,8 +309,6 @@ def _root_attrs(f: h5py.File, sources: Sequence[h5py.File], shards: Sequence[Sha
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         command=command,
         n_images=sum(s.n_images for s in shards),
-        device=", ".join(devices),  # may differ between shards (e.g. some ran on GPUs)
-        torch_version=", ".join(versions),
         merged_from=[str(s.path) for s in shards],
     )
 
@@ -332,16 +337,22 @@ def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject, skip: frozenset[str] = f
 
 @dataclass
 class _Merger:
-    """Builds every node of the merged file from the first shard's tree and all shards' rows."""
+    """Builds the merged file: every node from the first shard's tree, then each shard's rows,
+    statistics and failures, one shard file open at a time besides the first."""
 
     f: h5py.File
-    sources: Sequence[h5py.File]
+    first: h5py.File
     shards: Sequence[ShardFile]
     out: Path
     virtual: bool
     stop_requested: StopRequested
     copied: int = 0  # raw chunk bytes
-    _pools: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)
+    _targets: dict[str, h5py.Dataset] = field(default_factory=dict)  # each dataset along N
+    _layouts: dict[str, h5py.VirtualLayout] = field(default_factory=dict)  # the same, with --virtual
+    _per_image: dict[tuple[str, str], int] = field(default_factory=dict)  # (stats, role) -> values per channel
+    _pools: dict[tuple[str, str], ChannelStats] = field(default_factory=dict)  # pooled over the shards so far
+    _failures_found: list[tuple[ShardFile, dict[str, np.ndarray]]] = field(default_factory=list)
+    _runs: dict[str, dict[str, None]] = field(default_factory=lambda: {key: {} for key in JOINED})
 
     @property
     def total(self) -> int:
@@ -349,25 +360,60 @@ class _Merger:
 
     def run(self) -> int:
         nodes: list[tuple[str, Any]] = []
-        self.sources[0].visititems(lambda name, obj: nodes.append((name, obj)))
+        self.first.visititems(lambda name, obj: nodes.append((name, obj)))
         nodes = [(n, obj) for n, obj in nodes if n != FAILURES and not n.startswith(f"{FAILURES}/")]
         for name, obj in nodes:
             _check_documented(name, obj)
             check(self.stop_requested)
-            if isinstance(obj, h5py.Group):
-                _copy_attrs(obj, self.f.require_group(name))
-            elif name == "N":
-                self._like(obj, name, self.total)[...] = np.arange(self.total, dtype=np.int64)
-            elif obj.maxshape and obj.maxshape[0] is None:
-                self._virtual(obj, name) if self.virtual else self._concatenate(obj, name)
-            elif _channel_stat(name):
-                self._pooled(obj, name)
-            else:  # dimension scales C, H, W and anything else fixed: as in the first shard
-                self._like(obj, name, obj.shape[0] if obj.shape else 0)[...] = obj[...]
-            _copy_attrs(obj, self.f[name])
+            self._create(name, obj)
+        along = [(n, obj) for n, obj in nodes if _along_n(n, obj)]
+        start = 0
+        for shard in self.shards:
+            with self._open(shard) as src:
+                for name, first in along:
+                    check(self.stop_requested)
+                    self._rows(shard, src[name], name, first, start)
+                self._gather(shard, src)
+            start += shard.n_images
+        for name, layout in self._layouts.items():
+            self._virtual(name, layout)
+        for (stats, role), pooled in self._pools.items():
+            for key, values in pooled.summary().items():
+                if f"{stats}/{role}_{key}" in self.f:
+                    self.f[f"{stats}/{role}_{key}"][...] = values
         self._failures()
+        joined = {key: ", ".join(values) for key, values in self._runs.items()}
+        if joined["compressor"] == JOINED["compressor"]:  # no shard records one (written before the attribute)
+            del joined["compressor"]
+        set_attrs(self.f, **joined)
         _reattach_scales(self.f, [(n, obj) for n, obj in nodes if isinstance(obj, h5py.Dataset)])
         return self.copied
+
+    def _create(self, name: str, obj: Any) -> None:
+        """The node ``name`` laid out as in the first shard; rows along N and pooled statistics
+        are filled in later, and a virtual dataset is created once every shard is in its layout."""
+        if isinstance(obj, h5py.Group):
+            _copy_attrs(obj, self.f.require_group(name))
+            return
+        if name == "N":
+            self._like(obj, name, self.total)[...] = np.arange(self.total, dtype=np.int64)
+        elif _along_n(name, obj):
+            if self.virtual:
+                self._layouts[name] = h5py.VirtualLayout(shape=(self.total, *obj.shape[1:]), dtype=obj.dtype)
+                return
+            self._targets[name] = self._like(obj, name, self.total)
+        elif _channel_stat(name):
+            self._like(obj, name, obj.shape[0])
+            stats, key = name.rsplit("/", 1)
+            group = self.first[stats].parent  # min, max, mean and std of a role are pooled together
+            per_image = int(np.prod(group.attrs["output_shape"], dtype=np.int64)) // channel_count(group)
+            self._per_image[(stats, key.rsplit("_", 1)[0])] = per_image
+        else:  # dimension scales C, H, W and anything else fixed: as in the first shard
+            self._like(obj, name, obj.shape[0] if obj.shape else 0)[...] = obj[...]
+        _copy_attrs(obj, self.f[name])
+
+    def _open(self, shard: ShardFile) -> AbstractContextManager[h5py.File]:
+        return nullcontext(self.first) if shard is self.shards[0] else h5py.File(shard.path, "r")
 
     def _like(self, src: h5py.Dataset, name: str, rows: int) -> h5py.Dataset:
         """A dataset laid out exactly as ``src`` (type, chunks, filters, fill value) with ``rows`` rows."""
@@ -379,22 +425,23 @@ class _Merger:
         h5py.h5d.create(self.f.id, name.encode(), src.id.get_type(), space, dcpl=plist)
         return self.f[name]
 
-    def _concatenate(self, first: h5py.Dataset, name: str) -> None:
-        dst = self._like(first, name, self.total)
-        start = 0
-        for shard, src in zip(self.shards, self.sources, strict=True):
-            ds = src[name]
-            expected = (shard.n_images, *first.shape[1:])
-            if ds.shape != expected:
-                raise FmapFileError(f"{shard.path}: damaged shard: {name} has shape {ds.shape}, expected {expected}")
-            if ds.chunks is not None and ds.chunks[0] == 1:
-                self._copy_chunks(shard, ds, dst, start)
-            else:
-                rows = max(1, BLOCK_BYTES // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
-                for i in range(0, shard.n_images, rows):
-                    stop = min(i + rows, shard.n_images)
-                    dst[start + i : start + stop] = ds[i:stop]
-            start += shard.n_images
+    def _rows(self, shard: ShardFile, ds: h5py.Dataset, name: str, first: h5py.Dataset, start: int) -> None:
+        """One shard's rows of dataset ``name`` along N, at row ``start`` onwards of the merged one."""
+        if self.virtual:
+            source = os.path.relpath(shard.path.resolve(), self.out.resolve().parent)
+            self._layouts[name][start : start + shard.n_images] = h5py.VirtualSource(source, name, shape=ds.shape)
+            return
+        expected = (shard.n_images, *first.shape[1:])
+        if ds.shape != expected:
+            raise FmapFileError(f"{shard.path}: damaged shard: {name} has shape {ds.shape}, expected {expected}")
+        dst = self._targets[name]
+        if ds.chunks is not None and ds.chunks[0] == 1:
+            self._copy_chunks(shard, ds, dst, start)
+        else:
+            rows = max(1, BLOCK_BYTES // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
+            for i in range(0, shard.n_images, rows):
+                stop = min(i + rows, shard.n_images)
+                dst[start + i : start + stop] = ds[i:stop]
 
     def _copy_chunks(self, shard: ShardFile, src: h5py.Dataset, dst: h5py.Dataset, start: int) -> None:
         """Copy every chunk's stored bytes (one image per chunk) to row ``start`` onwards of ``dst``."""
@@ -403,50 +450,47 @@ class _Merger:
             raise UsageError(f"{shard.path}: {src.name} is stored differently (chunks or codec) from the first shard")
         self.copied += copy_rows(src, dst, src.shape[0], start)
 
-    def _virtual(self, first: h5py.Dataset, name: str) -> None:
-        layout = h5py.VirtualLayout(shape=(self.total, *first.shape[1:]), dtype=first.dtype)
-        start = 0
-        base = self.out.resolve().parent
-        for shard, src in zip(self.shards, self.sources, strict=True):
-            ds = src[name]
-            source = os.path.relpath(shard.path.resolve(), base)
-            layout[start : start + shard.n_images] = h5py.VirtualSource(source, name, shape=ds.shape)
-            start += shard.n_images
-        kind = first.dtype.kind
+    def _virtual(self, name: str, layout: h5py.VirtualLayout) -> None:
+        kind = layout.dtype.kind
         fill = -1 if kind in "iu" else np.nan if kind == "f" else None  # what a missing shard's rows read as
         self.f.create_virtual_dataset(name, layout, fillvalue=fill)
+        _copy_attrs(self.first[name], self.f[name])
 
-    def _pooled(self, first: h5py.Dataset, name: str) -> None:
-        stats, key = name.rsplit("/", 1)
-        role, stat = key.rsplit("_", 1)
-        if (stats, role) not in self._pools:  # min, max, mean and std of a role are pooled together
-            group = self.sources[0][stats].parent
-            per_image = int(np.prod(group.attrs["output_shape"], dtype=np.int64)) // channel_count(group)
-            parts = [
-                (
-                    {k: src[f"{stats}/{role}_{k}"][...] for k in SUMMARY if f"{stats}/{role}_{k}" in src},
-                    s.n_images * per_image,
-                )
-                for s, src in zip(self.shards, self.sources, strict=True)
-            ]
-            self._pools[(stats, role)] = pool_channel_stats(parts)
-        self._like(first, name, first.shape[0])[...] = self._pools[(stats, role)][stat]
+    def _gather(self, shard: ShardFile, src: h5py.File) -> None:
+        """What the merged file takes from every shard besides rows: its per-channel statistics
+        (pooled as they come), its /failures and its :data:`JOINED` root attributes."""
+        for (stats, role), per_image in self._per_image.items():
+            summary = {k: src[f"{stats}/{role}_{k}"][...] for k in SUMMARY if f"{stats}/{role}_{k}" in src}
+            pooled = self._pools.get((stats, role))
+            self._pools[(stats, role)] = pool_channel_stats(pooled, summary, shard.n_images * per_image)
+        for key, absent in JOINED.items():
+            self._runs[key][_text(src.attrs[key]) if key in src.attrs else absent] = None
+        if FAILURES in src:
+            group = src[FAILURES]
+            columns = self._failures_found[0][1] if self._failures_found else group
+            values = {c: group[c].asstr()[...] if group[c].dtype.kind == "O" else group[c][...] for c in columns}
+            self._failures_found.append((shard, values))
 
     def _failures(self) -> None:
-        """Every shard's /failures, in input order."""
-        groups = [src[FAILURES] for src in self.sources if FAILURES in src]
-        if not groups:
+        """Every shard's /failures, in input order, laid out as in the first shard that has some."""
+        if not self._failures_found:
             return
-        index = np.concatenate([g["index"][...] for g in groups])
+        parts = [values for _, values in self._failures_found]
+        index = np.concatenate([part["index"] for part in parts])
         order = np.argsort(index, kind="stable")
-        out = self.f.create_group(FAILURES)
-        _copy_attrs(groups[0], out)
-        for column in groups[0]:
-            values = np.concatenate([g[column].asstr()[...] if g[column].dtype.kind == "O" else g[column][...]
-                                     for g in groups])  # fmt: skip
-            dst = self._like(groups[0][column], f"{FAILURES}/{column}", len(index))
-            dst[...] = values[order]
-            _copy_attrs(groups[0][column], dst)
+        with self._open(self._failures_found[0][0]) as src:
+            group = src[FAILURES]
+            out = self.f.create_group(FAILURES)
+            _copy_attrs(group, out)
+            for column in group:
+                dst = self._like(group[column], f"{FAILURES}/{column}", len(index))
+                dst[...] = np.concatenate([part[column] for part in parts])[order]
+                _copy_attrs(group[column], dst)
+
+
+def _along_n(name: str, obj: h5py.HLObject) -> bool:
+    """A dataset with a row per image (its first axis unlimited), other than the scale N itself."""
+    return isinstance(obj, h5py.Dataset) and name != "N" and bool(obj.maxshape) and obj.maxshape[0] is None
 
 
 def _channel_stat(name: str) -> bool:
@@ -479,10 +523,11 @@ def _text(value: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- statistics
-def pool_channel_stats(parts: Sequence[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
-    """Per-channel statistics over the union of the shards' values, from each shard's stored
-    summary and its count of values per channel (the same pairwise merge the writer uses)."""
-    pooled = ChannelStats.restore(*parts[0])
-    for summary, count in parts[1:]:
-        pooled.merge(ChannelStats.restore(summary, count))
-    return pooled.summary()
+def pool_channel_stats(pooled: ChannelStats | None, summary: dict[str, np.ndarray], count: int) -> ChannelStats:
+    """Per-channel statistics ``pooled`` so far (None before the first shard) combined with one
+    shard's stored ``summary`` of ``count`` values per channel (the pairwise merge the writer uses)."""
+    part = ChannelStats.restore(summary, count)
+    if pooled is None:
+        return part
+    pooled.merge(part)
+    return pooled

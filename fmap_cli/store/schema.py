@@ -164,8 +164,18 @@ FILE_ATTRS: tuple[Attr, ...] = (
     Attr("working_directory", "str", "Where it ran: relative image paths are relative to it."),
 )
 MODEL_ATTRS: tuple[Attr, ...] = (
-    Attr("torch_version", "str", "Version of PyTorch that ran the forward pass."),
-    Attr("device", "str", "Device the forward pass ran on (cpu, cuda:0, ...)."),
+    Attr(
+        "torch_version",
+        "str",
+        "Version of PyTorch that ran the forward pass; in a merged file, each distinct one of its shards "
+        "(in shard order, joined with ', ').",
+    ),
+    Attr(
+        "device",
+        "str",
+        "Device the forward pass ran on (cpu, cuda:0, ...); in a merged file, each distinct one of its shards "
+        "(in shard order, joined with ', ').",
+    ),
     Attr(
         "memory_format",
         "str",
@@ -274,8 +284,10 @@ SCHEMA: tuple[Node, ...] = (
                 "missing; gzip:0 is always zlib's level 0, stored); 'role: ...; role: ...' when z and a differ; "
                 "'none' without gzip. Either way the chunks are standard zlib streams, read by any HDF5 deflate "
                 "filter; the level in the filter's parameters is the gzip:N asked for, information only. Chunks "
-                "copied as stored (--resume, --append, merge) keep the bytes their own writer made. Absent in "
-                "files written before it was added (their chunks are zlib's).",
+                "copied as stored (--resume, --append, merge) keep the bytes their own writer made: a merged "
+                "file whose shards differ holds each distinct value (in shard order, joined with ', '; "
+                "'unrecorded (zlib)' for a shard written before the attribute). Absent in files written before "
+                "it was added (their chunks are zlib's).",
                 required=False,
             ),
             Attr("merged_from", "str[]", "The shard files `fmap merge` combined (merged files only).", False),
