@@ -3,8 +3,10 @@
 For each model and setting, every repetition times back to back: the bare forward pass
 (``torch.inference_mode``), capture as `fmap extract` runs it on every batch after the first
 (its replay of the first batch's plan, ``fmap_cli/replay.py``), capture's full pairing (what a
-batch of a new shape costs, and what every batch cost before the replay), and TorchLens saving
-every conv2d output when it is installed. The report gives the bare time and the median of the
+batch of a new shape costs, and what every batch cost before the replay), plain forward hooks
+that only keep every conv/linear and nonlinearity module's output alive (the floor: what holding
+such maps costs, mostly fresh memory pages), and TorchLens saving every conv2d output when it is
+installed. The report gives the bare time and the median of the
 per-repetition ratios, so a noisy machine moves both sides together; a sample repeats a fast
 model's forward pass until it lasts 0.2 s. "capture / bare, CPU" is the same ratio in the
 process's CPU seconds (all threads): what other jobs on the machine change least, at one thread. The layers are `fmap
@@ -23,6 +25,7 @@ MobileNetV2, SE-Net and ShuffleNet patterns at test width) are measured alone.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import importlib.util
 import math
@@ -37,12 +40,15 @@ from bench import load_zoo, timed
 from torch import nn
 
 from fmap_cli.capture import capture, discover
+from fmap_cli.pairing import NONLINEAR_MODULES
 
 TORCHVISION = ("resnet50", "efficientnet_b0", "mobilenet_v3_large", "densenet121")
 # issue 10's targets for capture / bare: (batch 16 at 224 px, batch 1 at 64 px)
 TARGETS = {"resnet50": (1.15, 2.0), "efficientnet_b0": (1.3, 2.0), "mobilenet_v3_large": (1.3, 2.0),
            "densenet121": (1.3, 2.0)}  # fmt: skip
 SETTINGS = ((1, 64), (16, 224))  # (batch, pixels)
+# modules whose outputs "hooks holding" keeps: every conv/linear and nonlinearity module, what capture holds
+HELD = (nn.Conv2d, nn.Linear, *(getattr(nn, name) for name in NONLINEAR_MODULES))
 MIN_SAMPLE_S = 0.2  # each timed sample repeats a variant until the bare forward pass would take this long
 
 
@@ -95,8 +101,21 @@ def measure(name: str, model: nn.Module, x: torch.Tensor, reps: int) -> Row:
         with capture(model, layers, names) as run:
             run(x)
 
+    hooked = copy.deepcopy(model)  # the floor: keeping such maps alive, nothing else (hooks on a copy)
+    kept: list[torch.Tensor] = []
+    for module in hooked.modules():
+        if isinstance(module, HELD):
+            module.register_forward_hook(lambda m, i, out: kept.append(out))
+
+    def hooks() -> None:
+        with torch.inference_mode():
+            hooked(x)
+        kept.clear()
+
     with capture(model, layers, names) as replay:
-        runners: dict[str, Callable[[], object]] = {"bare": bare, "capture": lambda: replay(x), "full pairing": full}
+        runners: dict[str, Callable[[], object]] = {
+            "bare": bare, "capture": lambda: replay(x), "full pairing": full, "hooks holding": hooks
+        }  # fmt: skip
         lens = torchlens_run(model, x)
         if lens is not None:
             runners["torchlens"] = lens
