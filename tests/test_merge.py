@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from fmap_cli.extract import extract
 from fmap_cli.inputs import Shard
 from fmap_cli.store import merge as merging
 from fmap_cli.store.merge import merge_shards, pool_channel_stats
-from fmap_cli.store.reader import missing_sources
+from fmap_cli.store.reader import SPARE_FILES, missing_sources
 from fmap_cli.store.schema import SCHEMA
 
 LAYERS = ("conv1", "conv2")
@@ -620,3 +621,43 @@ def test_mixed_compressors_are_recorded(make: Make, whole: Path, tmp_path: Path,
         if k == 1:
             assert merged("unrecorded.h5") == f"{fast}, unrecorded (zlib)"
     assert merged("none.h5") is None
+
+
+READ_LIMITED = """
+import resource, sys
+
+import h5py
+import numpy as np
+
+from fmap_cli.errors import FmapFileError
+from fmap_cli.store.reader import open_fmap
+
+path = sys.argv[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (32, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+with h5py.File(path, "r") as f:  # HDF5 alone: the shards past the limit silently read as NaN
+    print(np.isnan(f["layers/conv1/activation"][...]).any())
+with open_fmap(path) as f:  # fmap raises its soft limit to fit every shard
+    print(np.isnan(f["layers/conv1/activation"][...]).any())
+resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))
+try:
+    with open_fmap(path):
+        pass
+except FmapFileError as exc:
+    print(exc)
+"""
+
+
+def test_virtual_file_over_more_shards_than_a_process_may_open(many: list[Path]) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < MANY + SPARE_FILES:
+        pytest.skip(f"the hard open-file limit ({hard}) is below what this test raises the soft one to")
+    out = merge_shards(many, many[0].parent.parent / "read.h5", virtual=True).out
+    done = subprocess.run([sys.executable, "-c", READ_LIMITED, str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "True",
+        "False",
+        f"{out}: virtual file over {MANY} shard files, more than this process may open at once (ulimit -n 32); "
+        "their images would read as NaN (raise the limit, or merge without --virtual)",
+    ]

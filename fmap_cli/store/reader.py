@@ -11,6 +11,7 @@ it (HDF5 crashes the process on a virtual dataset that reads from itself).
 from __future__ import annotations
 
 import re
+import resource
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from .axes import channel_axis, layer_axes
 from .layout import file_kind
 
 DAMAGED = "damaged fmap file"
+SPARE_FILES = 64  # descriptors kept for what a reader opens besides a virtual file's sources
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: terminals act on them
 
 
@@ -55,7 +57,7 @@ def open_fmap(
             schema version this fmap does not read, damaged (attributes of the wrong type, datasets
             with a row count other than ``n_images``, unsafe virtual datasets, external links or
             external storage),
-            or a virtual file whose source files are missing.
+            or a virtual file whose source files are missing or more than this process may open.
     """
     path = Path(path)
     shown = printable(str(path))
@@ -71,6 +73,8 @@ def open_fmap(
             raise
         except Exception as exc:  # unreadable attributes or links: damage, not a bug in fmap
             raise FmapFileError(f"{shown}: {DAMAGED}: {type(exc).__name__}: {printable(first_line(exc))}") from None
+        if virtual:
+            _room_for(len(_source_files(f)), shown)
         gone = missing_sources(f) if virtual else []
         if gone and not missing_sources_ok:
             raise FmapFileError(
@@ -129,9 +133,32 @@ def channel_count(group: h5py.Group) -> int:
 def missing_sources(f: h5py.File) -> list[str]:
     """Source files of ``f``'s virtual datasets that are missing or unreadable, as stored
     (relative to ``f``'s directory); HDF5 reads their rows as fill values (NaN maps) silently."""
-    names = {source.file_name for _, ds in _virtual_datasets(f) for source in ds.virtual_sources()}
     base = Path(f.filename).resolve().parent
-    return sorted(name for name in names if name != "." and not _readable(base / name))
+    return sorted(name for name in _source_files(f) if name != "." and not _readable(base / name))
+
+
+def _source_files(f: h5py.File) -> set[str]:
+    return {source.file_name for _, ds in _virtual_datasets(f) for source in ds.virtual_sources()}
+
+
+def _room_for(sources: int, shown: str) -> None:
+    """HDF5 holds every source file of a virtual dataset open while it reads across them, and
+    reads those it cannot open (past the open-file limit, often 1024) as fill values without an
+    error: raise this process's soft limit to fit them all, up to the hard limit.
+
+    Raises:
+        FmapFileError: more sources than the hard limit lets this process open.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = sources + SPARE_FILES
+    if soft == resource.RLIM_INFINITY or needed <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and needed > hard:
+        raise FmapFileError(
+            f"{shown}: virtual file over {sources} shard files, more than this process may open at once "
+            f"(ulimit -n {hard}); their images would read as NaN (raise the limit, or merge without --virtual)"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 def _readable(path: Path) -> bool:

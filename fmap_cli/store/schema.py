@@ -294,7 +294,9 @@ SCHEMA: tuple[Node, ...] = (
             Attr(
                 "virtual",
                 "int8",
-                "1 for `fmap merge --virtual`: maps are HDF5 virtual datasets over the shards.",
+                "1 for `fmap merge --virtual`: maps are HDF5 virtual datasets over the shards. HDF5 holds every "
+                "shard open while reading across them and reads those past the open-file limit (ulimit -n) as "
+                "fill values (NaN) without an error; fmap raises its own soft limit to fit them.",
                 False,
             ),
         ),
