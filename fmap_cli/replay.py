@@ -3,7 +3,7 @@ leaves a :class:`Plan`; later batches of that shape replay it with almost no Pyt
 
 The pairing, the receptive fields and the layer naming are the same for every batch that takes the
 same path through the model's code, but the recorder redoes them for every op of every batch: on
-networks of many small ops (EfficientNet, MobileNet, DenseNet) that cost 3-5x the forward pass.
+networks of many small ops (EfficientNet, MobileNet, DenseNet) that cost 3-8x the forward pass.
 What the full pass decides is written down as ops: which op's output (or the model's input) each
 captured map is, and before which op each held map was copied because an in-place op was about to
 write into it. A replay runs the model under a bare ``TorchFunctionMode`` (no module hooks), holds
@@ -12,10 +12,10 @@ the full pass's, bit for bit.
 
 A replay checks, op by op, that the model takes the same path: the same function, each tensor
 argument the output of the same earlier op or the same parameter (so the same module's weights),
-and held maps of the same shapes. Anything else (data-dependent control flow or routing) raises
-:class:`Diverged`, and capture runs that batch the full way instead. Module calls are not hooked; where a
-map is held, the module whose call ran the op is read from the Python stack and checked too (a
-model choosing by its data between two ReLU modules, or a module and ``F.relu``).
+and held maps of the same shapes; where a map is held, also the module whose call ran the op (read
+from the Python stack: module calls are not hooked), so a model choosing by its data between two
+ReLU modules, or a module and ``F.relu``, is caught. Anything else than the plan raises
+:class:`Diverged`, and capture runs that batch the full way instead.
 """
 
 from __future__ import annotations
