@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import fields
-from .pairing import LayerMaps, Recorder, StopForward, _Box, _TensorMap
+from .pairing import LayerMaps, Recorder, StopForward, _Box
 
 __all__ = ["Diverged", "Plan", "Planner", "Replay"]
 
@@ -74,16 +74,37 @@ def innermost_module() -> nn.Module | None:
     return None
 
 
-def sources(args: Sequence[Any], origin: Callable[[torch.Tensor], int]) -> tuple[int, ...]:
-    """Where each tensor argument of an op (also in a list, as ``cat``'s) comes from: the step whose
-    output it is (INPUT for the model's input), or minus its ``id`` for a tensor no op of this
-    forward pass made (a parameter or buffer: which module's weights the op uses)."""
+Made = dict[int, tuple["weakref.ref[torch.Tensor]", int, int]]  # id -> (tensor, step, index among its outputs)
+_TENSOR = torch.Tensor  # bound once: sources() runs for every op of a replay
+_SEQUENCE = (list, tuple)
+
+
+def remember(made: Made, result: Any, step: int) -> None:
+    """Note the tensors an op returned (also in a tuple or list) as made by ``step``."""
+    if isinstance(result, _TENSOR):
+        made[id(result)] = (weakref.ref(result), step, 0)
+    elif isinstance(result, _SEQUENCE):
+        for index, t in enumerate(fields.tensors(result)):
+            made[id(t)] = (weakref.ref(t), step, index)
+
+
+def maker(made: Made, t: torch.Tensor) -> tuple[int, int] | None:
+    """(step, index) of the op output ``t`` is, or None when no op of this forward pass made it."""
+    item = made.get(id(t))
+    return (item[1], item[2]) if item is not None and item[0]() is t else None
+
+
+def sources(args: Sequence[Any], made: Made) -> tuple[int, ...]:
+    """Where each tensor argument of an op (also in a list of tensors, as ``cat``'s) comes from: the
+    step whose output it is (INPUT for the model's input), or minus its ``id`` for a tensor no op of
+    this forward pass made (a parameter or buffer: which module's weights the op uses)."""
     found = []
     for arg in args:
-        if isinstance(arg, torch.Tensor):
-            found.append(origin(arg))
-        elif isinstance(arg, list | tuple):
-            found.extend(origin(t) for t in arg if isinstance(t, torch.Tensor))
+        if isinstance(arg, _TENSOR):
+            item = made.get(id(arg))
+            found.append(item[1] if item is not None and item[0]() is arg else -id(arg))
+        elif isinstance(arg, _SEQUENCE) and arg and isinstance(arg[0], _TENSOR):
+            found.extend(made_by[0] if (made_by := maker(made, t)) else -id(t) for t in arg)
     return tuple(found)
 
 
@@ -95,38 +116,33 @@ class Planner(Recorder):
         self._funcs: list[Any] = []
         self._sources: list[tuple[int, ...]] = []
         self._callers: list[Any] = []
-        self._made = _TensorMap()  # tensor -> (step, index among that op's output tensors)
+        self._made: Made = {}
         self._origins: dict[_Box, tuple[int, int] | None] = {}
         self._copied: list[tuple[int, _Box]] = []  # (step, box) for each copy before an in-place op
         self._step = INPUT
 
     def start(self, x: torch.Tensor) -> None:
         super().start(x)
-        self._made.set(x, (INPUT, 0))
+        remember(self._made, x, INPUT)
 
     def op(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any], run: Callable[[], Any]) -> Any:
         if self._busy:  # the recorder's own copies are no step of the model
             return run()
         step = self._step = len(self._funcs)
         self._funcs.append(func)
-        self._sources.append(sources(args, self._origin))
+        self._sources.append(sources(args, self._made))
         self._callers.append(innermost_module())
 
         def ran() -> Any:
             result = run()
-            for index, t in enumerate(fields.tensors(result)):
-                self._made.set(t, (step, index))
+            remember(self._made, result, step)
             return result
 
         return super().op(func, args, kwargs, ran)
 
-    def _origin(self, t: torch.Tensor) -> int:
-        made = self._made.get(t)
-        return -id(t) if made is None else int(made[0])
-
     def _hold(self, t: torch.Tensor) -> _Box:
         box = super()._hold(t)
-        self._origins[box] = self._made.get(t)
+        self._origins[box] = maker(self._made, t)
         return box
 
     def _protect(self, target: Any) -> None:
@@ -170,13 +186,13 @@ class Replay:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self._step = 0
-        self._made: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}  # id -> (tensor, step that made it)
+        self._made: Made = {}
         self._boxes: list[_Box | None] = [None] * len(plan.shapes)
         self._diverged = False
 
     def start(self, x: torch.Tensor) -> None:
         """The model's input tensor."""
-        self._made[id(x)] = (weakref.ref(x), INPUT)
+        remember(self._made, x, INPUT)
         for i in self.plan.input_holds:
             self._hold(i, x)
 
@@ -195,7 +211,7 @@ class Replay:
             raise StopForward
         planned = plan.funcs[step]
         # ``==`` for bound wrappers made anew at each access (``Tensor.shape.__get__``)
-        if (planned is not func and planned != func) or sources(args, self._origin) != plan.sources[step]:
+        if (planned is not func and planned != func) or sources(args, self._made) != plan.sources[step]:
             self._diverged = True  # model code may catch the exception and go on: its maps are not used
             raise Diverged
         for i in plan.clones[step]:
@@ -203,11 +219,7 @@ class Replay:
             assert box is not None, "a box is copied only after it is held"
             box.t = box.t.clone()
         result = run()
-        if isinstance(result, torch.Tensor):
-            self._made[id(result)] = (weakref.ref(result), step)
-        elif isinstance(result, list | tuple):
-            for t in fields.tensors(result):
-                self._made[id(t)] = (weakref.ref(t), step)
+        remember(self._made, result, step)
         holds = plan.holds[step]
         if holds:
             if innermost_module() is not plan.callers[step]:  # another module ran the same op (two ReLUs)
@@ -217,10 +229,6 @@ class Replay:
             for i, index in holds:
                 self._hold(i, outputs[index])
         return result
-
-    def _origin(self, t: torch.Tensor) -> int:
-        item = self._made.get(id(t))
-        return item[1] if item is not None and item[0]() is t else -id(t)
 
     def _hold(self, i: int, t: torch.Tensor) -> None:
         if tuple(t.shape) != self.plan.shapes[i]:
