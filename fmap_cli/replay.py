@@ -89,7 +89,7 @@ def remember(made: Made, result: Any, step: int) -> None:
 
 
 def maker(made: Made, t: torch.Tensor) -> tuple[int, int] | None:
-    """(step, index) of the op output ``t`` is, or None when no op of this forward pass made it."""
+    """The step that made ``t`` and its index among that op's outputs; None when no op of this forward pass did."""
     item = made.get(id(t))
     return (item[1], item[2]) if item is not None and item[0]() is t else None
 
