@@ -2,7 +2,8 @@
 through ``fmap layers`` and ``fmap extract --verify``, with seeded random weights passed by
 ``--weights`` (nothing is downloaded); every stored z and a read from a module call is then compared
 with the test's own recomputation (plain forward hooks on a deep copy with every ``inplace`` flag off,
-the same weights, the same ``/input``).
+the same weights, the same ``/input``). Capture's replay of a batch (``fmap_cli/replay.py``) must
+give every layer's maps exactly as its full pairing does.
 
 Optional: skipped unless torchvision and timm import (``make test-zoo`` builds a venv where they do;
 CI never installs them). Small inputs where a model allows; ViT, Swin and MaxViT run at their native
@@ -23,9 +24,11 @@ import torch
 from click.testing import CliRunner, Result
 from conftest import make_photo
 from PIL import Image
+from test_replay import assert_same, counted, full_pass
 from test_replicas import recorded
 from torch import nn
 
+from fmap_cli.capture import capture, discover
 from fmap_cli.cli import cli
 from fmap_cli.models import parse_model_args
 
@@ -165,6 +168,23 @@ def test_zoo_model(model: str, tmp_path: Path) -> None:
     print(f"ZOO {model}: {verified}")
     print(f"ZOO {model}: axes {labelled}")
     assert checked > 0
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_zoo_replay_equals_the_full_pairing(model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every layer of every zoo model: the second batch replays the first one's plan (no fallback),
+    and its maps equal the full pairing's on that batch bit for bit (``fmap_cli/replay.py``)."""
+    size, _ = setting(model)
+    net = build(model)
+    torch.manual_seed(0)
+    first, second = torch.randn(2, 3, size, size), torch.randn(2, 3, size, size)
+    layers = discover(net, first[:1])
+    names = list(layers)
+    with counted(monkeypatch) as counts, capture(net, layers, names) as run:
+        run(first)
+        replayed = run(second)
+    assert counts == {"full": 1, "replay": 1}
+    assert_same(replayed, full_pass(net, layers, names, second))
 
 
 # Where each module type puts its channels, as PyTorch documents it: the test's own knowledge.
