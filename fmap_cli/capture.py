@@ -11,6 +11,7 @@ module's train/eval mode restored afterwards.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -166,6 +167,22 @@ def _eval(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def _unshared(maps: dict[str, LayerMaps]) -> dict[str, LayerMaps]:
+    """``maps``, with each map whose memory anything else still holds copied: the model may keep it
+    (a buffer, a cache) and write into it on its next call while the writer thread still reads it."""
+    tensors = list(
+        {id(t): t for m in maps.values() for t in (m.z, m.a) if t is not None and t.layout == torch.strided}.values()
+    )
+    held = Counter(t.untyped_storage().data_ptr() for t in tensors)  # memory -> the map tensors on it
+    # a storage's users: its tensors (views included) and the storage object made to ask
+    copies = {
+        id(t): t.clone()
+        for t in tensors
+        if torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1 > held[t.untyped_storage().data_ptr()]
+    }
+    return {name: LayerMaps(copies.get(id(m.z), m.z), copies.get(id(m.a), m.a)) for name, m in maps.items()}
+
+
 def discover(model: nn.Module, x: torch.Tensor) -> dict[str, LayerInfo]:
     """Run ``x`` through ``model`` once and describe every layer, in the order they ran.
 
@@ -222,10 +239,10 @@ def capture(
             replay = Replay(plan)
             try:
                 _forward(model, x, replay)
-                return replay.maps
+                return _unshared(replay.maps)
             except Diverged:
                 diverged += 1
-        return full(x, key)
+        return _unshared(full(x, key))  # after the recorder's own references to its maps are gone
 
     with _eval(model):
         yield run

@@ -217,3 +217,31 @@ def test_a_model_that_keeps_changing_path_stops_being_planned(monkeypatch: pytes
         for x in [bright, dark] * 5:
             assert_same(run(x), full_pass(model, layers, ["conv1", "relu2"], x))
     assert counts["replay"] == capture_module.MAX_DIVERGED
+
+
+class Cached(nn.Module):
+    """Keeps its conv's output in a persistent buffer and returns that buffer: the next batch writes
+    into the memory of the maps the last one captured (while the writer thread may still read them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.register_buffer("cache", torch.zeros(2, 4, 8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.cache.copy_(self.conv(x))
+        return self.relu(self.cache)
+
+
+def test_maps_in_memory_the_model_keeps_are_not_changed_by_later_batches() -> None:
+    model = Cached().eval()
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(3)]
+    layers = discover(model, batches[0])
+    with capture(model, layers, ["relu"]) as run:
+        kept = [run(x)["relu"] for x in batches]  # full pass, then replays
+    for x, maps in zip(batches, kept, strict=True):
+        z = torch.nn.functional.conv2d(x, model.conv.weight, model.conv.bias, padding=1)
+        assert maps.z is not None and maps.a is not None
+        assert torch.equal(maps.z, z) and torch.equal(maps.a, z.clamp(min=0))
