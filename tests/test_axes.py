@@ -299,7 +299,7 @@ def test_project_seeds_the_unit_of_the_right_channel(images: list[Path], tmp_pat
     (grad,) = torch.autograd.grad(a[0, 3, 5, 4], x)
     with h5py.File(out, "r") as f:
         projected = f["projection"][0]
-        assert float(f["unit/value"][0]) == pytest.approx(float(a[0, 3, 5, 4]), rel=1e-5)
+        assert float(f["unit/value"][0]) == pytest.approx(a[0, 3, 5, 4].item(), rel=1e-5)
     np.testing.assert_allclose(projected, (grad * a[0, 3, 5, 4]).detach().numpy()[0], rtol=1e-4, atol=1e-6)
     moved = np.abs(projected).sum(axis=0)  # (H, W)
     assert np.flatnonzero(moved.sum(axis=1)).tolist() == [6, 7]  # rows 2*3, 2*3+1
