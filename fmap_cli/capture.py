@@ -138,6 +138,7 @@ def is_exported(model: nn.Module) -> bool:
 
 
 def _forward(model: nn.Module, x: torch.Tensor, recorder: Recorder | Replay) -> None:
+    x = x.clone()  # the model may write into its input: the caller's (/input, --verify's) stays as it was given
     try:
         with torch.inference_mode():
             recorder.start(x)

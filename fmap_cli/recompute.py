@@ -226,6 +226,7 @@ def recompute(model: nn.Module, x: torch.Tensor, wanted: Mapping[str, set[str]])
     Calls not made are absent.
     """
     calls = _Calls(wanted)
+    x = x.clone()  # the model may write into its input: the caller's (its pixels are /input) stays as given
     try:
         with torch.inference_mode():
             if getattr(model, "fmap_exported", False) and isinstance(model, torch.fx.GraphModule):

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 import zoo
+from helpers import ok, run_extract, write_photos
 from torch import nn
 
 from fmap_cli import capture as capture_module
@@ -245,3 +249,39 @@ def test_maps_in_memory_the_model_keeps_are_not_changed_by_later_batches() -> No
         z = torch.nn.functional.conv2d(x, model.conv.weight, model.conv.bias, padding=1)
         assert maps.z is not None and maps.a is not None
         assert torch.equal(maps.z, z) and torch.equal(maps.a, z.clamp(min=0))
+
+
+MODEL_WRITING_ITS_INPUT = """
+import torch
+from torch import nn
+
+
+class Shifted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        x.sub_(0.25)  # its own normalisation, in place: the batch fmap gave it
+        return self.conv(x).relu()
+
+
+def shifted():
+    return Shifted()
+"""
+
+
+def test_a_model_writing_into_its_input_leaves_the_stored_input_and_verify_alone(tmp_path: Path) -> None:
+    factory = tmp_path / "shifted.py"
+    factory.write_text(MODEL_WRITING_ITS_INPUT)
+    images = write_photos(tmp_path / "images", 5)
+    out = tmp_path / "out.h5"
+    ok(run_extract(images, Path(f"{factory}:shifted"), out, "-b", "2", "--size", "8", "--save-input", "--verify"))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    with h5py.File(out, "r") as f:
+        pixels = torch.from_numpy(f["input"][:])
+        z = f["layers/conv/preactivation"][:]
+    with torch.no_grad():  # /input is what fmap gave the model, before the model shifted it
+        assert np.allclose(z, conv(pixels - 0.25).numpy(), rtol=1e-5, atol=1e-5)
