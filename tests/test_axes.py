@@ -230,8 +230,8 @@ def test_merge_keeps_the_labels_and_refuses_shards_that_differ(images: list[Path
                     assert [dim.label for dim in ds.dims] == axes.split(",")
     check_statistics(merged, EXPECTED["channels_last_relu"])  # pooled over the right axis
     with h5py.File(shards[1], "r+") as f:
-        f["layers/block.2/preactivation"].attrs["axes"] = "N,W,H,C"
-        f["layers/block.2/activation"].attrs["axes"] = "N,W,H,C"
+        for role in ("preactivation", "activation"):
+            relabel(f["layers/block.2"][role], "N,W,H,C")
     line = error_line(invoke("merge", *shards, "-o", tmp_path / "bad.h5"), 2)
     assert line.startswith(f"Error: {shards[1]}: differs from {shards[0]} in: the axes of the maps;")
 
@@ -242,13 +242,20 @@ def test_append_follows_the_labels(images: list[Path], tmp_path: Path) -> None:
     check_statistics(out, EXPECTED["vit"])
     with h5py.File(out, "r+") as f:
         assert f["layers/mlp.0/activation"].attrs["axes"] == "N,T,D"
-        f["layers/mlp.0/activation"].attrs["axes"] = "N,D,T"
-        f["layers/mlp.0/preactivation"].attrs["axes"] = "N,D,T"
+        for role in ("preactivation", "activation"):
+            relabel(f["layers/mlp.0"][role], "N,D,T")
     result = invoke("extract", images[0], "--model", f"{REPO}/tests/layouts.py:vit", "--size", SIZE, "--layers",
                     ",".join(EXPECTED["vit"]), "--compression", "none", "--append", "-o", out)  # fmt: skip
     assert error_line(result, 1) == (
         f"Error: {out}: layer 'mlp.0' has maps with axes N,D,T, this run's are N,T,D; write a new file instead"
     )
+
+
+def relabel(ds: h5py.Dataset, axes: str) -> None:
+    """Label a map's axes ``axes`` consistently: its attribute and its dimension labels."""
+    ds.attrs["axes"] = axes
+    for dim, name in zip(ds.dims, axes.split(","), strict=True):
+        dim.label = name
 
 
 def test_a_label_that_does_not_fit_is_a_damaged_file(images: list[Path], tmp_path: Path) -> None:
@@ -260,6 +267,26 @@ def test_a_label_that_does_not_fit_is_a_damaged_file(images: list[Path], tmp_pat
         f"Error: {out}: damaged fmap file: ValueError: /layers/block.2/activation has axes 'N,H,C', which do not "
         "name its 4 axes"
     )
+
+
+@pytest.mark.parametrize("label", ["N,C,H,W", "N,W,H,C", "N,H,C,W"])
+def test_a_label_its_dimension_labels_contradict_is_a_damaged_file(
+    label: str, images: list[Path], tmp_path: Path
+) -> None:
+    out = extract(images, "channels_last_relu", tmp_path / "out.h5")
+    with h5py.File(out, "r+") as f:
+        f["layers/block.2/preactivation"].attrs["axes"] = label  # valid, but the maps are N,H,W,C
+    says = (
+        f"Error: {out}: damaged fmap file: ValueError: /layers/block.2/preactivation has axes '{label}', but its "
+        "dimensions are labelled 'N,H,W,C'"
+    )
+    for command in (
+        ["inspect", out],
+        ["inspect", "--json", out],
+        ["render", out, "--layer", "block.2", "-o", tmp_path / "r.png"],
+    ):
+        assert error_line(invoke(*command), 1) == says
+    assert not (tmp_path / "r.png").exists()
 
 
 def test_field_notes_say_why_a_receptive_field_is_unknown(images: list[Path], tmp_path: Path) -> None:

@@ -52,6 +52,10 @@ def dataset_axes(ds: h5py.Dataset) -> Axes:
     axes = tuple(text.split(","))
     if len(axes) != ds.ndim or not valid(axes):
         raise ValueError(f"{ds.name} has axes {text!r}, which do not name its {ds.ndim} axes")
+    # fmap labels the dimension scales as 'axes' names them: a label edited in one place only is damage
+    labels = tuple(str(label) for label in (dim.label for dim in ds.dims))
+    if any(labels) and labels != axes:
+        raise ValueError(f"{ds.name} has axes {text!r}, but its dimensions are labelled {joined(labels)!r}")
     return axes
 
 
