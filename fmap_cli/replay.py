@@ -12,10 +12,11 @@ the full pass's, bit for bit.
 
 A replay checks, op by op, that the model takes the same path: the same function, each tensor
 argument the output of the same earlier op or the same parameter (so the same module's weights),
-and held maps of the same shapes; where a map is held, also the module whose call ran the op (read
-from the Python stack: module calls are not hooked), so a model choosing by its data between two
-ReLU modules, or a module and ``F.relu``, is caught. Anything else than the plan raises
-:class:`Diverged`, and capture runs that batch the full way instead.
+the same ``out=`` and ``inplace=`` (whether it writes into a held map), and held maps of the same
+shapes; where a map is held, also the module whose call ran the op (read from the Python stack:
+module calls are not hooked), so a model choosing by its data between two ReLU modules, or a module
+and ``F.relu``, is caught. Anything else than the plan raises :class:`Diverged`, and capture runs
+that batch the full way instead.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .pairing import LayerMaps, Recorder, StopForward, _Box
 __all__ = ["Diverged", "Plan", "Planner", "Replay"]
 
 INPUT = -1  # "made by step -1": the model's input
+WRITES = -2  # in a step's sources: the op was called with inplace=True
 
 
 class Diverged(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -46,7 +48,7 @@ class Plan:
     """What a full pass on one input shape decided, as ops (step k = the k-th op of the forward pass)."""
 
     funcs: list[Any]  # the function of each step, up to the last one needed
-    sources: list[tuple[int, ...]]  # per step: where each tensor argument comes from (see ``sources``)
+    sources: list[tuple[int, ...]]  # per step: where each tensor argument comes from (see ``signature``)
     holds: list[tuple[tuple[int, int], ...]]  # per step: (box, index among the op's output tensors) to hold
     callers: dict[int, Any]  # per step with holds: the module whose call ran the op (``innermost_module``)
     clones: list[tuple[int, ...]]  # per step: boxes to copy before the op runs (it writes into them)
@@ -108,6 +110,15 @@ def sources(args: Sequence[Any], made: Made) -> tuple[int, ...]:
     return tuple(found)
 
 
+def signature(args: Sequence[Any], kwargs: dict[str, Any], made: Made) -> tuple[int, ...]:
+    """The :func:`sources` of an op's arguments, its keywords' (``out=``) included, and WRITES when it
+    is told to work in place: whether it writes into a held map can differ between batches."""
+    found = sources(args, made)
+    if kwargs:  # most ops get none
+        found += sources(list(kwargs.values()), made) + ((WRITES,) if kwargs.get("inplace") is True else ())
+    return found
+
+
 class Planner(Recorder):
     """A full :class:`~fmap_cli.pairing.Recorder` that also writes down what it did, as a :class:`Plan`."""
 
@@ -130,7 +141,7 @@ class Planner(Recorder):
             return run()
         step = self._step = len(self._funcs)
         self._funcs.append(func)
-        self._sources.append(sources(args, self._made))
+        self._sources.append(signature(args, kwargs, self._made))
         self._callers.append(innermost_module())
 
         def ran() -> Any:
@@ -211,7 +222,7 @@ class Replay:
             raise StopForward
         planned = plan.funcs[step]
         # ``==`` for bound wrappers made anew at each access (``Tensor.shape.__get__``)
-        if (planned is not func and planned != func) or sources(args, self._made) != plan.sources[step]:
+        if (planned is not func and planned != func) or signature(args, kwargs, self._made) != plan.sources[step]:
             self._diverged = True  # model code may catch the exception and go on: its maps are not used
             raise Diverged
         for i in plan.clones[step]:

@@ -285,3 +285,33 @@ def test_a_model_writing_into_its_input_leaves_the_stored_input_and_verify_alone
         z = f["layers/conv/preactivation"][:]
     with torch.no_grad():  # /input is what fmap gave the model, before the model shifted it
         assert np.allclose(z, conv(pixels - 0.25).numpy(), rtol=1e-5, atol=1e-5)
+
+
+class InplaceWhenBright(nn.Module):
+    """The same function on the same tensor for every input, but whether it writes into its input
+    (``inplace=``, or ``out=``) depends on the input's values."""
+
+    def __init__(self, keyword: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.keyword = keyword
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x)
+        bright = bool(x.mean() > 0)
+        if self.keyword == "inplace":
+            return torch.nn.functional.relu(z, inplace=bright)
+        return torch.relu(torch.mul(z, 2, out=z if bright else None))
+
+
+@pytest.mark.parametrize("keyword", ["inplace", "out"])
+def test_an_op_writing_into_a_held_map_only_on_some_batches_is_another_path(keyword: str) -> None:
+    model = InplaceWhenBright(keyword).eval()
+    dark, bright = -torch.rand(2, 3, 8, 8) - 0.1, torch.rand(2, 3, 8, 8) + 0.1
+    layers = discover(model, dark[:1])
+    with capture(model, layers, ["conv"]) as run:
+        run(dark)  # planned: nothing writes into conv's output
+        maps = run(bright)
+    z = torch.nn.functional.conv2d(bright, model.conv.weight, model.conv.bias, padding=1)
+    assert maps["conv"].z is not None and torch.equal(maps["conv"].z, z)
