@@ -22,7 +22,7 @@ import click
 
 from . import __version__
 from .errors import FmapError, StoppedError, UnknownLayerError, UsageError
-from .spec import DEFAULT_MODEL, INTERPOLATIONS
+from .spec import DEFAULT_MODEL, INTERPOLATIONS, MAX_RESIZE
 
 
 @contextmanager
@@ -196,7 +196,7 @@ run_options = _options(
     click.option("--no-resize", is_flag=True, help="Feed images at their own size (all must be equal)."),
     click.option(
         "--resize",
-        type=click.IntRange(min=1),
+        type=click.IntRange(min=1, max=MAX_RESIZE),
         metavar="N",
         help="Shorter side before the centre crop (an N x N box for timm's squash/border crop modes); "
         "overrides the model's recipe.",

@@ -29,6 +29,7 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
 # How a picture becomes the crop (timm's crop_mode): resize keeping the aspect ratio then crop the
 # centre; resize both sides ignoring it ("squash"); fit the whole picture inside, pad the rest ("border").
 CROP_MODES = ("center", "squash", "border")
+MAX_RESIZE = 2**31 - 1  # the largest side Pillow (and torchvision's Resize) can be asked for: a C int
 
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "sigmoid", "tanh", "none")
 
@@ -166,8 +167,7 @@ class _Checker:
 
     def floats(self, key: str, value: Any, count: int, positive: bool = False) -> tuple[float, ...]:
         ok = isinstance(value, list) and len(value) == count
-        ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-        if not ok or not all(math.isfinite(v) for v in value) or (positive and min(value) <= 0):
+        if not ok or not all(_finite(v) for v in value) or (positive and min(value) <= 0):
             kind = "positive numbers" if positive else "finite numbers"
             raise self.fail(f"{key} must be a list of {count} {kind}, got {value!r}")
         return tuple(float(v) for v in value)
@@ -185,6 +185,16 @@ class _Checker:
                 hint = did_you_mean(key, sorted(allowed))
                 extra = f" ({hint.strip()})" if hint else f"; allowed: {', '.join(sorted(allowed))}"
                 raise self.fail(f"unknown key '{key}'{extra}")
+
+
+def _finite(value: Any) -> bool:
+    """A number (not a bool) that a float holds: JSON's integers have no bound, nan and inf none."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer over float's range
+        return False
 
 
 def builtin_spec_path(name: str) -> Path:
@@ -268,6 +278,8 @@ def _parse_input(table: Any, check: _Checker) -> InputSpec:
     resize = table.get("resize")
     if resize is not None:
         resize = check.positive_int("resize", resize)
+        if resize > MAX_RESIZE:
+            raise check.fail(f"resize must be at most {MAX_RESIZE}, got {resize}")
     background = table.get("background", list(default.background))
     if not (
         isinstance(background, list)
@@ -314,8 +326,8 @@ def _parse_layer(table: Any, check: _Checker, taken: set[str]) -> LayerSpec:
         params[key] = value
     activation = check.choice("activation", table.get("activation", "none"), ACTIVATIONS)
     slope = table.get("negative_slope", 0.01)
-    if not isinstance(slope, int | float) or isinstance(slope, bool):
-        raise check.fail(f"negative_slope must be a number, got {slope!r}")
+    if not _finite(slope):
+        raise check.fail(f"negative_slope must be a finite number, got {slope!r}")
     descriptions = table.get("channel_descriptions", [])
     if not isinstance(descriptions, list) or not all(isinstance(d, str) for d in descriptions):
         raise check.fail("channel_descriptions must be a list of strings")
@@ -390,9 +402,10 @@ def _check_sizes(fail: str, layer: LayerSpec, shape: tuple[int, ...], out: tuple
 
 
 def _too_big(shape: tuple[int, ...], what: str) -> str:
-    gib = 4 * math.prod(shape) / 2**30
+    tenths = (4 * math.prod(shape) * 10 + 2**29) // 2**30  # in integers: a spec's sizes may pass a float's range
     shown = "x".join(map(str, shape))
-    return f"makes a {shown} {what}, {gib:.1f} GiB per image, more than fmap's limit of {MAX_MAP_BYTES // 2**30} GiB"
+    limit = MAX_MAP_BYTES // 2**30
+    return f"makes a {shown} {what}, {tenths // 10}.{tenths % 10} GiB per image, more than fmap's limit of {limit} GiB"
 
 
 def geometry(spec: ModelSpec, size: tuple[int, int] | None = None, file: str | None = None) -> list[LayerGeometry]:

@@ -257,7 +257,8 @@ def test_occlude_takes_the_same_flags(spec: Path, photo: Path, tmp_path: Path) -
         ("--std", "0.2,0,0.2", "expected three numbers R,G,B greater than 0 (e.g. 0.229,0.224,0.225), got '0.2,0,0.2'"),
         ("--std", "-1,1,1", "expected three numbers R,G,B greater than 0 (e.g. 0.229,0.224,0.225), got '-1,1,1'"),
         ("--std", "inf,1,1", "expected three numbers R,G,B greater than 0 (e.g. 0.229,0.224,0.225), got 'inf,1,1'"),
-        ("--resize", "0", "0 is not in the range x>=1."),
+        ("--resize", "0", "0 is not in the range 1<=x<=2147483647."),
+        ("--resize", str(10**400), f"{10**400} is not in the range 1<=x<=2147483647."),
         ("--interpolation", "cubic", "'cubic' is not one of 'bilinear', 'bicubic', 'nearest', 'lanczos'."),
     ],
 )

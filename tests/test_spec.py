@@ -208,6 +208,35 @@ def test_json_spec_syntax_error(tmp_path: Path) -> None:
     assert line.startswith(f"Error: {spec}: cannot parse model spec: ")  # then the json module's words
 
 
+BIG = 10**400  # JSON's integers have no bound; a float cannot hold this one
+GIB = 3 * BIG * 4 * 10 // 2**30  # tenths of a GiB in a 3 x BIG x 1 float32 input (exact: no rounding up)
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value", "says"),
+    [
+        ("input", "mean", [BIG, 0, 0], f"[input]: mean must be a list of 3 finite numbers, got [{BIG}, 0, 0]"),
+        ("input", "std", [1, BIG, 1], f"[input]: std must be a list of 3 positive numbers, got [1, {BIG}, 1]"),
+        ("layer", "negative_slope", BIG, f"layer 'conv1': negative_slope must be a finite number, got {BIG}"),
+        ("input", "resize", BIG, f"[input]: resize must be at most 2147483647, got {BIG}"),
+        (
+            "input",
+            "size",
+            [BIG, 1],
+            f"[input]: size = [{BIG}, 1] makes a 3x{BIG}x1 input, {GIB // 10}.{GIB % 10} GiB per image, more than "
+            "fmap's limit of 4 GiB; use a smaller size",
+        ),
+    ],
+)
+def test_json_spec_numbers_too_large_for_a_float(
+    tmp_path: Path, where: str, key: str, value: object, says: str
+) -> None:
+    raw = tomllib.loads(TINY_SPEC)
+    (raw["input"] if where == "input" else raw["layers"][0])[key] = value
+    spec = write_spec(tmp_path / "m", json.dumps(raw), name="big.json")
+    assert error_line(invoke("layers", "-m", spec), 1) == f"Error: {spec}: {says}"
+
+
 def test_nonexistent_spec(tmp_path: Path, good: list[Path], outdir: Path) -> None:
     spec = tmp_path / "missing.toml"
     said = f"Error: {spec}: cannot read model spec: No such file or directory"
