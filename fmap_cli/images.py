@@ -15,6 +15,7 @@ never ends), files over ``MAX_FILE_BYTES``, images over ``MAX_PIXELS`` and image
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import stat
 import warnings
@@ -156,7 +157,7 @@ class Preprocessing:
         elif isinstance(resize_step.get("shorter_side"), int):
             resize = int(resize_step["shorter_side"])
         recipe = record.get("recipe", {})
-        return cls(
+        prep = cls(
             size=None if size == "native" else (int(size[0]), int(size[1])),
             mean=tuple(steps["normalize"]["mean"]),
             std=tuple(steps["normalize"]["std"]),
@@ -167,6 +168,21 @@ class Preprocessing:
             recipe=recipe.get("source", "fmap default"),
             overridden=tuple(recipe.get("overridden_by", ())),
         )
+        # values the steps would use without complaint, or fail on far from the record
+        resized = () if prep.resize is None else prep.resize if isinstance(prep.resize, tuple) else (prep.resize,)
+        numbers = [*prep.mean, *prep.std]
+        if prep.interpolation not in FILTERS:
+            raise ValueError(f"interpolation {prep.interpolation!r} is not one of {', '.join(FILTERS)}")
+        if prep.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop mode {prep.crop_mode!r} is not one of {', '.join(CROP_MODES)}")
+        finite = all(isinstance(v, int | float) and math.isfinite(v) for v in numbers)
+        if len(prep.mean) != 3 or len(prep.std) != 3 or not finite or min(prep.std) <= 0:
+            raise ValueError(
+                f"normalize needs 3 finite means and 3 positive stds, not {list(prep.mean)} and {list(prep.std)}"
+            )
+        if min((*(prep.size or ()), *resized), default=1) < 1:
+            raise ValueError(f"sizes must be positive, not input_size {size} and resize {prep.resize}")
+        return prep
 
 
 @dataclass(frozen=True)

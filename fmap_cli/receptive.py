@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from . import colormaps
 from .analysis import top_images
 from .drawing import BACKGROUND, LINE_H, LegendLine, fit, legend, stack, write
-from .errors import FmapError, ImageError
+from .errors import FmapError, ImageError, first_line
 from .geometry import Geometry
 from .images import Preprocessing, decode_image, preprocess
 from .store import schema
@@ -48,8 +48,15 @@ def upsample(values: np.ndarray, geometry: Geometry, size: tuple[int, int]) -> n
 
 
 def preprocessing_of(f: h5py.File) -> Preprocessing:
-    """The file's ``preprocessing`` record as a :class:`Preprocessing`."""
-    return Preprocessing.from_record(json.loads(f.attrs["preprocessing"]))
+    """The file's ``preprocessing`` record as a :class:`Preprocessing`.
+
+    Raises:
+        ValueError: a record fmap did not write (readers report a damaged file).
+    """
+    try:
+        return Preprocessing.from_record(json.loads(f.attrs["preprocessing"]))
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ValueError(f"attribute 'preprocessing' is not a record fmap can use: {first_line(exc)}") from None
 
 
 def input_picture(f: h5py.File, n: int) -> np.ndarray:

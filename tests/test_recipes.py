@@ -225,6 +225,40 @@ def test_spec_interpolation_and_flags_are_applied_and_recorded(spec: Path, photo
     assert record["steps"][-1] == {"step": "normalize", "mean": [0.1, 0.2, 0.3], "std": [0.5, 1.0, 2.0]}
 
 
+DAMAGED_RECORDS = {  # what the record's steps get: (step, key, value), and what the error says after the record
+    "interpolation": (("resize", "interpolation", "cubic"), "interpolation 'cubic' is not one of bilinear, bicubic, "
+                      "nearest, lanczos"),
+    "crop_mode": (("resize", "crop_mode", "zoom"), "crop mode 'zoom' is not one of center, squash, border"),
+    "mean": (("normalize", "mean", [1, 2]), "normalize needs 3 finite means and 3 positive stds, not [1, 2] and "
+             "[0.25, 0.2, 0.3]"),
+    "std": (("normalize", "std", [0.25, 0, 0.3]), "normalize needs 3 finite means and 3 positive stds, not "
+            "[0.5, 0.4, 0.3] and [0.25, 0, 0.3]"),
+    "resize": (("resize", "shorter_side", 0), "sizes must be positive, not input_size [20, 24] and resize 0"),
+    "steps": (None, "'steps'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_RECORDS))
+def test_a_damaged_record_is_a_damaged_file(case: str, spec: Path, photo: Path, tmp_path: Path) -> None:
+    """project re-reads the record: a value it would use without complaint, or fail on far from the
+    record (Pillow, numpy), is refused naming the attribute."""
+    out = tmp_path / "maps.h5"
+    ok(invoke("extract", photo, "-m", spec, "--device", "cpu", "--resize", 30, "-o", out))
+    change, says = DAMAGED_RECORDS[case]
+    with h5py.File(out, "r+") as f:
+        record = json.loads(f.attrs["preprocessing"])
+        if change is None:
+            del record["steps"]
+        else:
+            next(step for step in record["steps"] if step["step"] == change[0])[change[1]] = change[2]
+        f.attrs["preprocessing"] = json.dumps(record)
+    result = invoke("project", out, "--layer", "conv2", "--channel", 0, "-o", tmp_path / "p.h5")
+    assert error_line(result, 1) == (
+        f"Error: {out}: damaged fmap file: ValueError: attribute 'preprocessing' is not a record fmap can use: {says}"
+    )
+    assert not (tmp_path / "p.h5").exists()
+
+
 def test_size_with_resize_keeps_the_resize(spec: Path, photo: Path, tmp_path: Path) -> None:
     out = tmp_path / "sized.h5"
     ok(invoke("extract", photo, "-m", spec, "--device", "cpu", "--save-input", "--size", 16, "--resize", 20, "-o", out))
