@@ -43,3 +43,15 @@ def test_readme_layers_examples_are_real_output(monkeypatch: pytest.MonkeyPatch)
     args = ["layers", "--model", *shlex.split(command)]
     result = runner.invoke(cli, args, catch_exceptions=False)
     assert result.output == expected
+
+
+def test_readme_models_schema_version_examples_are_real_output() -> None:
+    block = README.split("```sh\n$ fmap models\n", 1)[1].split("```", 1)[0]
+    for example in ("fmap models\n" + block).split("$ "):
+        command, expected = example.split("\n", 1)
+        command = command.split("#", 1)[0].strip()
+        args, _, head = command.removeprefix("fmap ").partition(" | head -")
+        output = CliRunner().invoke(cli, shlex.split(args), catch_exceptions=False).output
+        if head:
+            output = "".join(output.splitlines(keepends=True)[: int(head)])
+        assert output == expected, command
