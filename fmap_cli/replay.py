@@ -7,16 +7,17 @@ networks of many small ops (EfficientNet, MobileNet, DenseNet) that cost 3-8x th
 What the full pass decides is written down as ops: which op's output (or the model's input) each
 captured map is, and before which op each held map was copied because an in-place op was about to
 write into it. A replay runs the model under a bare ``TorchFunctionMode`` (no module hooks), holds
-those tensors, makes those copies and stops at the op after the last one it needs, so its maps are
-the full pass's, bit for bit.
+those tensors, makes those copies and stops at the op after the last one the full pass ran, so its
+maps are the full pass's, bit for bit.
 
 A replay checks, op by op, that the model takes the same path: the same function, each tensor
 argument the output of the same earlier op or the same parameter (so the same module's weights),
 the same ``out=`` and ``inplace=`` (whether it writes into a held map), and held maps of the same
 shapes; where a map is held, also the module whose call ran the op (read from the Python stack:
 module calls are not hooked), so a model choosing by its data between two ReLU modules, or a module
-and ``F.relu``, is caught. Anything else than the plan raises :class:`Diverged`, and capture runs
-that batch the full way instead.
+and ``F.relu``, is caught; and where a map is a module's output, that the module's call has returned
+when the replay stops (a module changing its output after the planned ops by its data is caught).
+Anything else than the plan raises :class:`Diverged`, and capture runs that batch the full way instead.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import torch
@@ -47,10 +49,11 @@ class Diverged(Exception):  # noqa: N818 - a control-flow signal, not an error
 class Plan:
     """What a full pass on one input shape decided, as ops (step k = the k-th op of the forward pass)."""
 
-    funcs: list[Any]  # the function of each step, up to the last one needed
+    funcs: list[Any]  # the function of each step the full pass ran (it stopped once every map was held)
     sources: list[tuple[int, ...]]  # per step: where each tensor argument comes from (see ``signature``)
     holds: list[tuple[tuple[int, int], ...]]  # per step: (box, index among the op's output tensors) to hold
     callers: dict[int, Any]  # per step with holds: the module whose call ran the op (``innermost_module``)
+    returned_by: dict[int, Any]  # box -> the module whose call returned it (a module's output, held at its end)
     clones: list[tuple[int, ...]]  # per step: boxes to copy before the op runs (it writes into them)
     input_holds: tuple[int, ...]  # boxes holding the model's input
     shapes: list[tuple[int, ...]]  # per box: the shape of the tensor it holds
@@ -58,7 +61,7 @@ class Plan:
 
     @property
     def last(self) -> int:
-        """The step after which every map is held (INPUT: before any op); a replay stops at the next op."""
+        """The last step of the full pass (INPUT: it ran no op); a replay stops at the next op."""
         return len(self.funcs) - 1
 
 
@@ -74,6 +77,27 @@ def innermost_module() -> nn.Module | None:
             return module
         frame = frame.f_back  # type: ignore[assignment]  # None ends the loop
     return None
+
+
+def call_frame(module: nn.Module) -> FrameType | None:
+    """The frame of the innermost running call of ``module``; None when it is not running."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _CALL and frame.f_locals["self"] is module:
+            return frame
+        frame = frame.f_back  # type: ignore[assignment]  # None ends the loop
+    return None
+
+
+def running(frames: Sequence[FrameType]) -> bool:
+    """Whether any of ``frames`` is still on the stack: its call has not returned."""
+    ids = {id(f) for f in frames}
+    frame = sys._getframe(1)
+    while frame is not None:
+        if id(frame) in ids:
+            return True
+        frame = frame.f_back  # type: ignore[assignment]  # None ends the loop
+    return False
 
 
 Made = dict[int, tuple["weakref.ref[torch.Tensor]", int, int]]  # id -> (tensor, step, index among its outputs)
@@ -130,6 +154,7 @@ class Planner(Recorder):
         self._made: Made = {}
         self._origins: dict[_Box, tuple[int, int] | None] = {}
         self._copied: list[tuple[int, _Box]] = []  # (step, box) for each copy before an in-place op
+        self._returned: dict[_Box, nn.Module] = {}  # boxes held as a module call's output -> that module
         self._step = INPUT
 
     def start(self, x: torch.Tensor) -> None:
@@ -151,6 +176,15 @@ class Planner(Recorder):
 
         return super().op(func, args, kwargs, ran)
 
+    def exit(self, output: Any) -> None:
+        held = len(self._boxes)
+        try:
+            super().exit(output)  # raises StopForward once every map is held
+        finally:
+            module = innermost_module()  # this runs in the module's hook, inside its call
+            if module is not None:
+                self._returned.update(dict.fromkeys(self._boxes[held:], module))
+
     def _hold(self, t: torch.Tensor) -> _Box:
         box = super()._hold(t)
         self._origins[box] = maker(self._made, t)
@@ -168,7 +202,7 @@ class Planner(Recorder):
         known = [origin for origin in origins if origin is not None]
         if len(known) < len(boxes):
             return None
-        last = max(step for step, _ in known)
+        last = len(self._funcs) - 1  # every op of the pass: what a module does after making its output too
         holds: list[list[tuple[int, int]]] = [[] for _ in range(last + 1)]
         for i, (step, index) in enumerate(known):
             if step != INPUT:
@@ -183,6 +217,7 @@ class Planner(Recorder):
             sources=self._sources[: last + 1],
             holds=[tuple(h) for h in holds],
             callers={step: self._callers[step] for step, h in enumerate(holds) if h},
+            returned_by={number[box]: module for box, module in self._returned.items() if box in number},
             clones=[tuple(c) for c in clones],
             input_holds=tuple(i for i, (step, _) in enumerate(known) if step == INPUT),
             shapes=[tuple(box.t.shape) for box in boxes],
@@ -199,6 +234,7 @@ class Replay:
         self._step = 0
         self._made: Made = {}
         self._boxes: list[_Box | None] = [None] * len(plan.shapes)
+        self._calls: list[FrameType] = []  # the running calls that are to return held maps
         self._diverged = False
 
     def start(self, x: torch.Tensor) -> None:
@@ -219,6 +255,10 @@ class Replay:
         self._step = step + 1
         plan = self.plan
         if step > plan.last:  # every map is held; stopping at the next op lets the module call around it end
+            calls, self._calls = self._calls, []  # a frame keeps its call's tensors alive: let them go
+            if running(calls):  # but a module whose output is held runs more ops than planned
+                self._diverged = True
+                raise Diverged
             raise StopForward
         planned = plan.funcs[step]
         # ``==`` for bound wrappers made anew at each access (``Tensor.shape.__get__``)
@@ -239,6 +279,10 @@ class Replay:
             outputs = [result] if isinstance(result, torch.Tensor) else list(fields.tensors(result))
             for i, index in holds:
                 self._hold(i, outputs[index])
+                module = plan.returned_by.get(i)
+                frame = call_frame(module) if module is not None else None
+                if frame is not None:  # None: the module returns a tensor made before its call (nn.Identity)
+                    self._calls.append(frame)
         return result
 
     def _hold(self, i: int, t: torch.Tensor) -> None:
@@ -252,10 +296,11 @@ class Replay:
         """The captured maps, as the full pass returns them.
 
         Raises:
-            Diverged: the forward pass ended before every planned map was held.
+            Diverged: the forward pass ended before every planned op ran.
         """
+        self._calls = []  # the forward pass ended (no StopForward): every call has returned
         held = [box.t for box in self._boxes if box is not None]
-        if self._diverged or len(held) < len(self._boxes):
+        if self._diverged or self._step <= self.plan.last or len(held) < len(self._boxes):
             raise Diverged
         return {
             name: LayerMaps(held[roles["z"]] if "z" in roles else None, held[roles["a"]] if "a" in roles else None)

@@ -315,3 +315,33 @@ def test_an_op_writing_into_a_held_map_only_on_some_batches_is_another_path(keyw
         maps = run(bright)
     z = torch.nn.functional.conv2d(bright, model.conv.weight, model.conv.bias, padding=1)
     assert maps["conv"].z is not None and torch.equal(maps["conv"].z, z)
+
+
+class ScaledWhenBright(nn.Conv2d):
+    """A conv whose output, its z, is changed after the conv op by its data (and by nothing after it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = super().forward(x)
+        return z * 2 if x.mean() > 0 else z
+
+
+class Tailed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = ScaledWhenBright(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x))
+
+
+def test_a_module_changing_its_output_after_the_planned_op_is_another_path() -> None:
+    model = Tailed().eval()
+    dark, bright = -torch.rand(2, 3, 8, 8) - 0.1, torch.rand(2, 3, 8, 8) + 0.1
+    layers = discover(model, dark[:1])
+    with capture(model, layers, ["conv"]) as run:
+        run(dark)  # planned: the module returns the conv op's output
+        maps = run(bright)
+    z = torch.nn.functional.conv2d(bright, model.conv.weight, model.conv.bias, padding=1)
+    assert maps["conv"].z is not None and torch.equal(maps["conv"].z, 2 * z)
