@@ -21,7 +21,16 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import ModelError
-from .pairing import NONLINEAR_MODULES, LayerInfo, LayerMaps, Recorder, StopForward, first_tensor, module_kind
+from .pairing import (
+    NONLINEAR_MODULES,
+    LayerInfo,
+    LayerMaps,
+    Recorder,
+    StopForward,
+    _storage,
+    first_tensor,
+    module_kind,
+)
 from .replay import Diverged, Plan, Planner, Replay
 
 __all__ = ["LayerInfo", "LayerMaps", "capture", "discover", "is_exported"]
@@ -171,15 +180,14 @@ def _eval(model: nn.Module) -> Iterator[None]:
 def _unshared(maps: dict[str, LayerMaps]) -> dict[str, LayerMaps]:
     """``maps``, with each map whose memory anything else still holds copied: the model may keep it
     (a buffer, a cache) and write into it on its next call while the writer thread still reads it."""
-    tensors = list(
-        {id(t): t for m in maps.values() for t in (m.z, m.a) if t is not None and t.layout == torch.strided}.values()
-    )
-    held = Counter(t.untyped_storage().data_ptr() for t in tensors)  # memory -> the map tensors on it
+    memory = {id(t): (t, _storage(t)) for m in maps.values() for t in (m.z, m.a) if t is not None}
+    tensors = [t for t, where in memory.values() if where is not None]  # None: no plain storage to ask about
+    held = Counter(where for _, where in memory.values())  # memory -> the map tensors on it
     # a storage's users: its tensors (views included) and the storage object made to ask
     copies = {
         id(t): t.clone()
         for t in tensors
-        if torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1 > held[t.untyped_storage().data_ptr()]
+        if torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1 > held[memory[id(t)][1]]
     }
     return {name: LayerMaps(copies.get(id(m.z), m.z), copies.get(id(m.a), m.a)) for name, m in maps.items()}
 
