@@ -217,6 +217,28 @@ def test_render_refuses_tokens_it_cannot_place(images: list[Path], tmp_path: Pat
     )
 
 
+@pytest.mark.parametrize(
+    ("attr", "value", "says"),
+    [
+        ("token_grid", 5, "token_prefix 1 and token_grid 5 are not an integer and a pair of integers"),
+        ("token_grid", "ab", "token_prefix 1 and token_grid 'ab' are not an integer and a pair of integers"),
+        ("token_grid", [4, 4, 1], "token_prefix 1 and token_grid [4, 4, 1] are not an integer and a pair of integers"),
+        ("token_prefix", 1.5, "token_prefix 1.5 and token_grid [4, 4] are not an integer and a pair of integers"),
+        ("token_prefix", -1, "token_prefix -1 and token_grid [4, 4] do not fit 17 tokens"),
+        ("token_grid", [3, 3], "token_prefix 1 and token_grid [3, 3] do not fit 17 tokens"),
+    ],
+)
+def test_damaged_token_attributes_are_a_damaged_file(
+    attr: str, value: object, says: str, images: list[Path], tmp_path: Path
+) -> None:
+    out = extract(images[:1], "vit", tmp_path / "vit.h5")
+    with h5py.File(out, "r+") as f:
+        f["layers/mlp.0"].attrs[attr] = value
+    line = error_line(invoke("render", out, "--layer", "mlp.0", "-o", tmp_path / "x.png"), 1)
+    assert line == f"Error: {out}: damaged fmap file: ValueError: /layers/mlp.0: {says}"
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_merge_keeps_the_labels_and_refuses_shards_that_differ(images: list[Path], tmp_path: Path) -> None:
     shards = [extract(images, "channels_last_relu", tmp_path / f"s{k}.h5", "--shard", f"{k}/2") for k in range(2)]
     merged = tmp_path / "merged.h5"

@@ -129,10 +129,14 @@ def layer_tokens(group: h5py.Group) -> Tokens | None:
     prefix, grid = group.attrs.get("token_prefix"), group.attrs.get("token_grid")
     if prefix is None or grid is None:
         return Tokens()
-    found = Tokens(int(prefix), (int(grid[0]), int(grid[1])))
     length = int(group.attrs["output_shape"][axes.index("T") - 1])
-    if found.prefix is None or found.prefix < 0 or min(found.grid or (0,)) < 1 or not found.fits(length):
-        raise ValueError(f"{group.name}: token_prefix {prefix} and token_grid {list(grid)} do not fit {length} tokens")
+    says = f"{group.name}: token_prefix {np.asarray(prefix).tolist()!r} and token_grid {np.asarray(grid).tolist()!r}"
+    integers = np.asarray(prefix).dtype.kind in "iu" and np.asarray(grid).dtype.kind in "iu"
+    if not integers or np.ndim(prefix) != 0 or np.shape(grid) != (2,):
+        raise ValueError(f"{says} are not an integer and a pair of integers")
+    found = Tokens(int(prefix), (int(grid[0]), int(grid[1])))
+    if int(prefix) < 0 or min(grid) < 1 or not found.fits(length):
+        raise ValueError(f"{says} do not fit {length} tokens")
     return found
 
 
