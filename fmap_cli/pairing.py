@@ -58,7 +58,8 @@ PASS_MODULES = (
     "AlphaDropout", "Identity",
 )  # fmt: skip
 _DUNDER = {"iadd": "add_", "radd": "add", "isub": "sub_", "rsub": "sub", "imul": "mul_", "rmul": "mul",
-           "truediv": "div", "itruediv": "div_"}  # fmt: skip
+           "truediv": "div", "itruediv": "div_", "iand": "bitwise_and_", "ior": "bitwise_or_",
+           "ixor": "bitwise_xor_", "ilshift": "bitwise_left_shift_", "irshift": "bitwise_right_shift_"}  # fmt: skip
 
 
 def op_name(func: Any) -> tuple[str, bool]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmap_cli.capture import discover
+from fmap_cli.capture import capture, discover
 from fmap_cli.layers import provenance
 
 
@@ -73,3 +73,28 @@ def test_inputs_are_found_through_plain_ops() -> None:
     assert provenance(layers, "norm", set()) == ("input", "patch")
     assert provenance(layers, "head", {"norm"}) == ("/layers/norm/preactivation", "attn")
     assert provenance(layers, "head", set()) == ("input", "patch -> norm -> attn")
+
+
+class Masks(nn.Module):
+    """An integer map (a pass-through layer's) that the model then changes with ``|=``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.mask = nn.Identity()
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask((self.conv(x) > 0).to(torch.int64))
+        m |= 2  # also &=, ^=, <<=, >>=: Python's in-place operators on integer tensors
+        return self.head(m.float())
+
+
+def test_bitwise_in_place_operators_do_not_change_a_held_map() -> None:
+    model = Masks().eval()
+    x = torch.randn(2, 3, 8, 8)
+    layers = discover(model, x)
+    with capture(model, layers, ["mask", "head"]) as run:
+        z = run(x)["mask"].z
+    assert z is not None and torch.equal(z, (F.conv2d(x, model.conv.weight, model.conv.bias, padding=1) > 0).long())
