@@ -94,8 +94,10 @@ def _projection_figure(f: h5py.File, options: RenderOptions) -> Image.Image:
 def _occlusion_figure(f: h5py.File, options: RenderOptions) -> Image.Image:
     """Zeiler's Fig. 7 rows for an occlusion file (``occlusion_views.figure``)."""
     given = [flag for flag, value in (("--layer", options.layer), ("--role", options.role), ("--scale", options.scale),
-             ("--overlay", options.overlay), ("--top", options.top), ("--channel", options.channel),
-             ("--full", options.full or None)) if value is not None]  # fmt: skip
+             ("--overlay", options.overlay), ("--top", options.top), ("--channel", options.channel))
+             if value is not None]  # fmt: skip
+    if options.full:
+        raise UsageError("--full draws projection files (fmap project); for occlusion files leave it out")
     if given:
         raise UsageError(f"{', '.join(given)}: for maps files; an occlusion file is drawn per --image (INDEX|PATH|all)")
     from .occlusion_views import figure

@@ -676,6 +676,7 @@ def test_render_image_all_has_a_stated_limit(both: Path, tmp_path: Path, monkeyp
     [
         (["--layer", "feat"], "--layer: for maps files; an occlusion file is drawn per --image (INDEX|PATH|all)"),
         (["--role", "both"], "--role: for maps files; an occlusion file is drawn per --image (INDEX|PATH|all)"),
+        (["--full"], "--full draws projection files (fmap project); for occlusion files leave it out"),
         (["--image", "2"], "--image 2 out of range: the file has images 0..1"),
     ],
 )
