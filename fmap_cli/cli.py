@@ -700,6 +700,7 @@ class ChannelsType(click.ParamType):  # type: ignore[type-arg]  # as SizeType
     "--channel",
     "channels",
     type=ChannelsType(),
+    metavar=ChannelsType.name,  # click would print the type's name upper-cased: 'ALL', which it refuses
     help="Channels of --layer: C, C1,C2,... or all (default: each image's strongest, unoccluded).",
 )
 @click.option("--class", "target", type=click.IntRange(min=0), metavar="K", help="Class to map (default: top-1).")
