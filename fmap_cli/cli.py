@@ -272,6 +272,7 @@ def _inputs(
 @click.option(
     "--compression",
     type=CodecType(),
+    metavar=CodecType.name,  # as --channel's: not upper-cased
     default="gzip:1",
     show_default=True,
     help="Codec for a (sparse after ReLU: gzip:1 saves about 1.9-3.5x, compressed with ISA-L).",
@@ -279,6 +280,7 @@ def _inputs(
 @click.option(
     "--z-compression",
     type=CodecType(),
+    metavar=CodecType.name,  # as --channel's: not upper-cased
     default="none",
     show_default=True,
     help="Codec for z (dense: gzip saves about 8% for 1.3-1.6x the write time).",

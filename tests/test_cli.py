@@ -352,3 +352,17 @@ def test_quiet_silences_the_progress_line_on_a_terminal(monkeypatch: pytest.Monk
         assert terminal.getvalue() == ""
     else:
         assert "\r3/10 images" in terminal.getvalue() and "a message" in terminal.getvalue()
+
+
+def test_help_shows_values_as_they_are_accepted() -> None:
+    """Click prints a type's name upper-cased as its metavar ('NONE|LZF|GZIP[:N]', 'ALL'): values these
+    types refuse in upper case. Every such option shows the name as it is."""
+    shown = {}
+    for command in cli.commands.values():
+        for param in command.params:
+            name = param.type.name
+            if type(param.type).__module__ == "fmap_cli.cli" and name != name.upper():
+                shown[f"{command.name} {param.opts[-1]}"] = (param.metavar, name)
+    assert sorted(shown) == ["extract --compression", "extract --z-compression", "occlude --channel"]
+    assert all(metavar == name for metavar, name in shown.values()), shown
+    assert "  --compression none|lzf|gzip[:N]" in ok(CliRunner().invoke(cli, ["extract", "--help"])).stdout

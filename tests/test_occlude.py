@@ -686,11 +686,6 @@ def test_render_usage_errors(args: list[str], message: str, both: Path, tmp_path
     assert not out.exists()
 
 
-def test_help_shows_the_channel_values_it_takes() -> None:
-    """The metavar is what --channel accepts: 'all' in lower case, as the values it refuses say."""
-    assert "  --channel C|C1,C2|all  " in ok(invoke("occlude", "--help")).stdout
-
-
 @pytest.mark.skipif(not FMAP.is_file(), reason=f"console script not installed at {FMAP}")
 def test_inspect_and_render_of_an_occlusion_file_do_not_import_torch(both: Path, tmp_path: Path) -> None:
     poison = tmp_path / "poison"
