@@ -13,6 +13,7 @@ from crafted import craft, with_reference_stats, without_stats
 from helpers import check_stats_match_maps, invoke, ok, run_extract, write_photos
 
 from fmap_cli.analysis import layer_stats, scan_layer
+from fmap_cli.store.stats import ChannelStats
 from fmap_cli.summary import Details, read_summary
 
 # ---------------------------------------------------------------------------- written while extracting
@@ -29,6 +30,17 @@ def test_write_time_statistics_match_numpy(tmp_path: Path, tiny_model: Path) -> 
         assert stats["image_argmax"].shape == (7, 4, 2)
         assert stats["activation_std"].shape == (4,)
         assert stats["image_zero_fraction"][...].max() > 0  # relu zeros exist: the zero check means something
+
+
+@pytest.mark.parametrize(("mean", "std"), [(1000.0, 0.01), (-50.0, 0.001), (0.0, 1.0)])
+def test_std_of_a_channel_far_from_zero_is_numpys(mean: float, std: float) -> None:
+    """sum(x^2) - n * mean^2 in float32 squares loses the spread of a channel whose mean dwarfs it."""
+    values = (mean + std * np.random.default_rng(3).standard_normal((5, 2, 30, 30))).astype(np.float32)
+    stats = ChannelStats.empty(2)
+    stats.update(values[:2])
+    stats.update(values[2:])  # merged batches, as the writer does
+    expected = values.astype(np.float64).std(axis=(0, 2, 3))
+    np.testing.assert_allclose(stats.summary()["std"], expected, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------- read back, or scanned

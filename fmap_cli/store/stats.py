@@ -55,7 +55,11 @@ class ChannelStats:
             return
         total = values.sum(axis=axes, dtype=np.float64)
         mean = total / count
-        m2 = np.maximum(np.square(values).sum(axis=axes, dtype=np.float64) - total * mean, 0.0)
+        # squares of deviations from the mean, not of the values: sum(x^2) - total * mean cancels (a
+        # channel of mean 1000 and std 0.01 came out at std 0.02). The mean is rounded to the maps'
+        # float32, which adds count * (its rounding)^2: under 1e-14 of mean^2 per value.
+        centred = np.subtract(values, mean.reshape(1, -1, *(1,) * (values.ndim - 2)), dtype=np.float32)
+        m2 = np.square(centred, out=centred).sum(axis=axes, dtype=np.float64)
         negatives = np.count_nonzero(values < 0, axis=axes).astype(np.float64)
         self.merge(ChannelStats(count, mean, m2, values.min(axis=axes), values.max(axis=axes), negatives))
 
