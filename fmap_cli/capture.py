@@ -33,7 +33,7 @@ from .pairing import (
 )
 from .replay import Diverged, Plan, Planner, Replay
 
-__all__ = ["LayerInfo", "LayerMaps", "capture", "discover", "is_exported"]
+__all__ = ["LayerInfo", "LayerMaps", "capture", "discover", "is_exported", "unshared"]
 
 MAX_DIVERGED = 3  # a model whose path changes this often gets no more plans: each miss costs a partial pass
 
@@ -177,9 +177,10 @@ def _eval(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _unshared(maps: dict[str, LayerMaps]) -> dict[str, LayerMaps]:
-    """``maps``, with each map whose memory anything else still holds copied: the model may keep it
-    (a buffer, a cache) and write into it on its next call while the writer thread still reads it."""
+def unshared(maps: dict[str, LayerMaps]) -> dict[str, LayerMaps]:
+    """``maps`` (a batch :func:`capture` returned), with each map whose memory anything else still
+    holds copied: the model may keep it (a buffer, a cache) and write into it at its next call, while
+    the maps of this batch are still to be written (capture holds maps by reference, not copied)."""
     memory = {id(t): (t, _storage(t)) for m in maps.values() for t in (m.z, m.a) if t is not None}
     tensors = [t for t, where in memory.values() if where is not None]  # None: no plain storage to ask about
     held = Counter(where for _, where in memory.values())  # memory -> the map tensors on it
@@ -248,10 +249,10 @@ def capture(
             replay = Replay(plan)
             try:
                 _forward(model, x, replay)
-                return _unshared(replay.maps)
+                return replay.maps
             except Diverged:
                 diverged += 1
-        return _unshared(full(x, key))  # after the recorder's own references to its maps are gone
+        return full(x, key)
 
     with _eval(model):
         yield run

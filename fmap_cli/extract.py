@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .capture import LayerMaps, capture
+from .capture import LayerMaps, capture, unshared
 from .errors import (
     ImageError,
     ModelError,
@@ -378,7 +378,7 @@ def _captured(
     Raises:
         ModelError: a stored layer's output does not have one row per image.
     """
-    maps = _forward(forward, batch, model, placement)
+    maps = unshared(_forward(forward, batch, model, placement))  # the writer thread reads them during the next batch
     n = len(batch.paths)
     for name, m in maps.items():
         rows = next(t.shape[0] for t in (m.z, m.a) if t is not None)

@@ -5,9 +5,11 @@ captured the full way."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -18,9 +20,11 @@ from helpers import ok, run_extract, write_photos
 from torch import nn
 
 from fmap_cli import capture as capture_module
+from fmap_cli import extract as pipeline
 from fmap_cli.capture import LayerMaps, capture, discover
 from fmap_cli.errors import ModelError
 from fmap_cli.replay import Planner, Replay
+from fmap_cli.store.writer import MapWriter
 
 Maps = dict[str, LayerMaps]
 
@@ -223,32 +227,64 @@ def test_a_model_that_keeps_changing_path_stops_being_planned(monkeypatch: pytes
     assert counts["replay"] == capture_module.MAX_DIVERGED
 
 
-class Cached(nn.Module):
-    """Keeps its conv's output in a persistent buffer and returns that buffer: the next batch writes
-    into the memory of the maps the last one captured (while the writer thread may still read them)."""
+MODEL_KEEPING_ITS_MAPS = """
+import torch
+from torch import nn
 
-    def __init__(self) -> None:
+
+class Cached(nn.Module):
+    def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.relu = nn.ReLU()
         self.register_buffer("cache", torch.zeros(2, 4, 8, 8))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.cache.copy_(self.conv(x))
-        return self.relu(self.cache)
+    def forward(self, x):
+        self.cache[: len(x)].copy_(self.conv(x))  # a persistent buffer, written at every call
+        return self.relu(self.cache[: len(x)])
 
 
-def test_maps_in_memory_the_model_keeps_are_not_changed_by_later_batches() -> None:
-    model = Cached().eval()
-    batches = [torch.randn(2, 3, 8, 8) for _ in range(3)]
-    layers = discover(model, batches[0])
-    with capture(model, layers, ["relu"]) as run:
-        kept = [run(x)["relu"] for x in batches]  # full pass, then replays
-    for x, maps in zip(batches, kept, strict=True):
-        z = torch.nn.functional.conv2d(x, model.conv.weight, model.conv.bias, padding=1)
-        assert maps.z is not None and maps.a is not None
-        assert torch.equal(maps.z, z) and torch.equal(maps.a, z.clamp(min=0))
+def cached():
+    return Cached()
+"""
+
+
+def test_maps_in_memory_the_model_keeps_are_written_as_captured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """relu's z is a view of the model's buffer: the writer thread must not read it after the next
+    batch wrote into it (here the writer waits until the next batch is captured)."""
+    factory = tmp_path / "cached.py"
+    factory.write_text(MODEL_KEEPING_ITS_MAPS)
+    images = write_photos(tmp_path / "images", 5)
+    real_append, real_captured = MapWriter.append, pipeline._captured
+    done = {"captured": 0, "written": 0}
+    changed = threading.Condition()
+
+    def late_append(self: MapWriter, batch: Any) -> None:
+        with changed:  # the 3 batches: each is written once the next one went through the model
+            changed.wait_for(lambda: done["captured"] >= min(done["written"] + 2, 3), timeout=10)
+            done["written"] += 1
+        real_append(self, batch)
+
+    def counted_captured(*args: Any) -> Any:
+        result = real_captured(*args)
+        with changed:
+            done["captured"] += 1
+            changed.notify_all()
+        return result
+
+    monkeypatch.setattr(MapWriter, "append", late_append)
+    monkeypatch.setattr(pipeline, "_captured", counted_captured)
+    out = tmp_path / "out.h5"
+    ok(run_extract(images, Path(f"{factory}:cached"), out, "-b", "2", "--size", "8", "--save-input", "-l", "relu"))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    with h5py.File(out, "r") as f, torch.no_grad():
+        z = conv(torch.from_numpy(f["input"][:])).numpy()
+        assert np.allclose(f["layers/relu/preactivation"][:], z, rtol=1e-5, atol=1e-5)
+        assert np.allclose(f["layers/relu/activation"][:], np.maximum(z, 0), rtol=1e-5, atol=1e-5)
 
 
 MODEL_WRITING_ITS_INPUT = """
