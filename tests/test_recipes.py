@@ -259,6 +259,26 @@ def test_a_damaged_record_is_a_damaged_file(case: str, spec: Path, photo: Path, 
     assert not (tmp_path / "p.h5").exists()
 
 
+def test_append_takes_the_same_steps_however_the_options_say_them(spec: Path, photo: Path, tmp_path: Path) -> None:
+    """The record's 'recipe' says which options gave the values; --append compares the steps."""
+    out, second = tmp_path / "maps.h5", tmp_path / "second.png"
+    make_photo(40, 50, seed=2).save(second)
+    ok(invoke("extract", photo, "-m", spec, "--device", "cpu", "-o", out))
+    with h5py.File(out, "r") as f:
+        steps = json.loads(f.attrs["preprocessing"])["steps"]
+    same = ("--interpolation", "lanczos", "--mean", ",".join(map(str, MEAN)))  # the spec's own values
+    ok(invoke("extract", second, "-m", spec, "--device", "cpu", *same, "--append", "-o", out))
+    with h5py.File(out, "r") as f:
+        assert int(f.attrs["n_images"]) == 2
+        assert json.loads(f.attrs["preprocessing"])["steps"] == steps
+    other = invoke(
+        "extract", second, "-m", spec, "--device", "cpu", "--interpolation", "bicubic", "--append", "-o", out
+    )
+    assert error_line(other, 2) == (
+        f"Error: --append: {out} differs from this run in: preprocessing; write a new file instead"
+    )
+
+
 def test_size_with_resize_keeps_the_resize(spec: Path, photo: Path, tmp_path: Path) -> None:
     out = tmp_path / "sized.h5"
     ok(invoke("extract", photo, "-m", spec, "--device", "cpu", "--save-input", "--size", 16, "--resize", 20, "-o", out))

@@ -36,6 +36,7 @@ FINGERPRINT = {
 def fingerprint(attrs: Mapping[str, Any], input_saved: bool) -> dict[str, str]:
     """The comparable parts of a file's root attributes (as strings)."""
     result = {key: _text(attrs.get(key)) for key in FINGERPRINT}
+    result["preprocessing"] = _steps(result["preprocessing"])
     result["input_saved"] = str(input_saved)
     result["shard"] = f"{_text(attrs.get('shard_index'))}/{_text(attrs.get('shard_count'))}"
     return result
@@ -44,6 +45,18 @@ def fingerprint(attrs: Mapping[str, Any], input_saved: bool) -> dict[str, str]:
 def file_fingerprint(f: h5py.File) -> dict[str, str]:
     """The fingerprint of an open fmap file."""
     return fingerprint(f.attrs, schema.INPUT in f)
+
+
+def _steps(text: str) -> str:
+    """A preprocessing record without its 'recipe' (where the values came from, which options gave
+    them): the same steps are the same preprocessing, however the command line said so."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(record, dict):
+        record.pop("recipe", None)
+    return json.dumps(record, sort_keys=True)
 
 
 def _text(value: Any) -> str:
