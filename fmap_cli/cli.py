@@ -390,7 +390,11 @@ class UnitType(click.ParamType):  # type: ignore[type-arg]  # as SizeType
     "--top", type=click.IntRange(min=1), metavar="K", help="The K images where C fires most, each at its maximum [9]."
 )
 @click.option("--image", metavar="INDEX|PATH", help="One image instead of --top (at its maximum, or --unit).")
-@click.option("--unit", type=UnitType(), help="With --image: this unit of the map instead of its maximum.")
+@click.option(
+    "--unit",
+    type=UnitType(),
+    help="With --image: this unit of the map (INDEX,0 in a token sequence) instead of its maximum.",
+)
 @click.option("--whole-map", is_flag=True, help="Project every activation of C on each image at once.")
 @click.option(
     "--method",

@@ -403,9 +403,16 @@ def _read_source(options: ProjectOptions) -> _Source:
 
 
 def _check_unit(layer: str, shape: tuple[int, ...], row: int, col: int, given: bool) -> None:
-    if len(shape) < 3:
+    if len(shape) < 2:
         if given:
             raise UsageError(f"--unit: layer '{printable(layer)}' has flat maps (no rows and columns)")
+        return
+    if len(shape) == 2:  # a sequence (tokens T, or L): its units are (index, 0), as image_argmax stores them
+        if not (0 <= row < shape[1] and col == 0):
+            raise UsageError(
+                f"--unit {row},{col} out of range: layer '{printable(layer)}' maps are sequences of {shape[1]} "
+                f"positions (give INDEX,0 with INDEX 0..{shape[1] - 1})"
+            )
         return
     if not (0 <= row < shape[1] and 0 <= col < shape[2]):
         raise UsageError(

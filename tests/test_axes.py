@@ -355,6 +355,34 @@ def test_project_seeds_the_unit_of_the_right_channel(images: list[Path], tmp_pat
     assert np.flatnonzero(moved.sum(axis=0)).tolist() == [10, 11]  # columns 2*5, 2*5+1
 
 
+def test_project_seeds_a_token_given_as_index_0(images: list[Path], tmp_path: Path) -> None:
+    """--unit INDEX,0 on token maps (as image_argmax stores their units): the gradient of token 3,
+    by torch's own autograd through a forward hook on the GELU."""
+    maps = extract(images, "vit", tmp_path / "maps.h5", "--save-input")
+    out = tmp_path / "proj.h5"
+    model_file = f"{REPO}/tests/layouts.py:vit"
+    args = ["project", maps, "--model", model_file, "--layer", "mlp.0", "--channel", 5, "--image", 1]
+    ok(invoke(*args, "--unit", "3,0", "--method", "gradient", "--device", "cpu", "-o", out))
+    model = layouts.vit()
+    held: list[torch.Tensor] = []
+    model.mlp[1].register_forward_hook(lambda module, inputs, output: held.append(output))
+    with h5py.File(maps, "r") as f:
+        x = torch.from_numpy(f["input"][1:2]).requires_grad_(True)
+    model(x)
+    unit = held[0][0, 3, 5]
+    (grad,) = torch.autograd.grad(unit, x)
+    with h5py.File(out, "r") as f:
+        assert (int(f["unit/row"][0]), int(f["unit/col"][0])) == (3, 0)
+        assert float(f["unit/value"][0]) == pytest.approx(unit.item(), rel=1e-5)
+        np.testing.assert_allclose(f["projection"][0], (grad * unit).detach().numpy()[0], rtol=1e-4, atol=1e-6)
+    line = error_line(invoke(*args, "--unit", "0,3", "-o", tmp_path / "bad.h5"), 2)
+    assert line == (
+        "Error: --unit 0,3 out of range: layer 'mlp.0' maps are sequences of 17 positions (give INDEX,0 with "
+        "INDEX 0..16)"
+    )
+    assert not (tmp_path / "bad.h5").exists()
+
+
 def test_layers_that_fold_windows_into_the_batch_axis_are_refused_before_any_work(
     images: list[Path], tmp_path: Path
 ) -> None:
