@@ -5,10 +5,11 @@ The pairing, the receptive fields and the layer naming are the same for every ba
 same path through the model's code, but the recorder redoes them for every op of every batch: on
 networks of many small ops (EfficientNet, MobileNet, DenseNet) that cost 3-8x the forward pass.
 What the full pass decides is written down as ops: which op's output (or the model's input) each
-captured map is, and before which op each held map was copied because an in-place op was about to
-write into it. A replay runs the model under a bare ``TorchFunctionMode`` (no module hooks), holds
-those tensors, makes those copies and stops at the op after the last one the full pass ran, so its
-maps are the full pass's, bit for bit.
+captured map is, and which ops write into a tensor (in place, ``out=``). A replay runs the model
+under a bare ``TorchFunctionMode`` (no module hooks), holds those tensors, copies the held ones on
+the memory such an op is about to write into (as the full pass: which those are can depend on the
+data, ``x.to(dtype)`` is ``x`` or a copy) and stops at the op after the last one the full pass ran,
+so its maps are the full pass's, bit for bit.
 
 A replay checks, op by op, that the model takes the same path: the same function, each tensor
 argument the output of the same earlier op or the same parameter (so the same module's weights),
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from . import fields
-from .pairing import LayerMaps, Recorder, StopForward, _Box
+from .pairing import LayerMaps, Recorder, StopForward, _Box, _storage
 
 __all__ = ["Diverged", "Plan", "Planner", "Replay"]
 
@@ -54,7 +55,7 @@ class Plan:
     holds: list[tuple[tuple[int, int], ...]]  # per step: (box, index among the op's output tensors) to hold
     callers: dict[int, Any]  # per step with holds: the module whose call ran the op (``innermost_module``)
     returned_by: dict[int, Any]  # box -> the module whose call returned it (a module's output, held at its end)
-    clones: list[tuple[int, ...]]  # per step: boxes to copy before the op runs (it writes into them)
+    writes: frozenset[int]  # steps whose op writes into a tensor (in place, out=): held maps on it are copied first
     input_holds: tuple[int, ...]  # boxes holding the model's input
     shapes: list[tuple[int, ...]]  # per box: the shape of the tensor it holds
     roles: dict[str, dict[str, int]]  # layer -> role ("z", "a") -> box
@@ -153,7 +154,7 @@ class Planner(Recorder):
         self._callers: list[Any] = []
         self._made: Made = {}
         self._origins: dict[_Box, tuple[int, int] | None] = {}
-        self._copied: list[tuple[int, _Box]] = []  # (step, box) for each copy before an in-place op
+        self._writes: set[int] = set()  # steps whose op writes into a tensor argument
         self._returned: dict[_Box, nn.Module] = {}  # boxes held as a module call's output -> that module
         self._step = INPUT
 
@@ -191,9 +192,9 @@ class Planner(Recorder):
         return box
 
     def _protect(self, target: Any) -> None:
-        before = [box.t for box in self._boxes]
+        if isinstance(target, torch.Tensor):
+            self._writes.add(self._step)
         super()._protect(target)
-        self._copied.extend((self._step, box) for box, t in zip(self._boxes, before, strict=True) if box.t is not t)
 
     def plan(self) -> Plan | None:
         """The plan of this pass, or None when a captured map is no op's output (nothing to replay)."""
@@ -208,17 +209,13 @@ class Planner(Recorder):
             if step != INPUT:
                 holds[step].append((i, index))
         number = {box: i for i, box in enumerate(boxes)}
-        clones: list[list[int]] = [[] for _ in range(last + 1)]
-        for step, box in self._copied:
-            if step <= last and box in number:
-                clones[step].append(number[box])
         return Plan(
             funcs=self._funcs[: last + 1],
             sources=self._sources[: last + 1],
             holds=[tuple(h) for h in holds],
             callers={step: self._callers[step] for step, h in enumerate(holds) if h},
             returned_by={number[box]: module for box, module in self._returned.items() if box in number},
-            clones=[tuple(c) for c in clones],
+            writes=frozenset(self._writes),
             input_holds=tuple(i for i, (step, _) in enumerate(known) if step == INPUT),
             shapes=[tuple(box.t.shape) for box in boxes],
             roles={name: {role: number[b] for role, b in roles.items()} for name, roles in self._wanted_boxes.items()},
@@ -235,6 +232,7 @@ class Replay:
         self._made: Made = {}
         self._boxes: list[_Box | None] = [None] * len(plan.shapes)
         self._calls: list[FrameType] = []  # the running calls that are to return held maps
+        self._on: dict[int | None, list[int]] = {}  # memory -> the boxes holding a tensor on it, not copied yet
         self._diverged = False
 
     def start(self, x: torch.Tensor) -> None:
@@ -265,10 +263,8 @@ class Replay:
         if (planned is not func and planned != func) or signature(args, kwargs, self._made) != plan.sources[step]:
             self._diverged = True  # model code may catch the exception and go on: its maps are not used
             raise Diverged
-        for i in plan.clones[step]:
-            box = self._boxes[i]
-            assert box is not None, "a box is copied only after it is held"
-            box.t = box.t.clone()
+        if step in plan.writes:  # which held maps it writes into can depend on the data (x.to(dtype) aliases x or not)
+            self._protect(kwargs.get("out", args[0] if args else None))
         result = run()
         remember(self._made, result, step)
         holds = plan.holds[step]
@@ -290,6 +286,20 @@ class Replay:
             self._diverged = True
             raise Diverged
         self._boxes[i] = _Box(t.detach())
+        self._on.setdefault(_storage(t), []).append(i)
+
+    def _protect(self, target: Any) -> None:
+        """As the full pass does: copy each held map on ``target``'s memory before an op writes into it."""
+        if not isinstance(target, torch.Tensor):
+            return
+        storage = _storage(target)
+        copied = [i for held in self._on.values() for i in held] if storage is None else self._on.pop(storage, [])
+        if storage is None:  # unknown memory: copy every map, to be safe
+            self._on.clear()
+        for i in copied:
+            box = self._boxes[i]
+            assert box is not None, "only held boxes are listed"
+            box.t = box.t.clone()  # a private copy: nothing writes into it
 
     @property
     def maps(self) -> dict[str, LayerMaps]:

@@ -381,3 +381,30 @@ def test_a_module_changing_its_output_after_the_planned_op_is_another_path() -> 
         maps = run(bright)
     z = torch.nn.functional.conv2d(bright, model.conv.weight, model.conv.bias, padding=1)
     assert maps["conv"].z is not None and torch.equal(maps["conv"].z, 2 * z)
+
+
+class AliasedWhenBright(nn.Module):
+    """The same ops on the same tensors for every input, but whether the in-place ReLU writes into
+    conv's output depends on the input's values: ``z.to(dtype)`` is ``z`` itself or a copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x)
+        y = z.to(torch.float32 if x.mean() > 0 else torch.float64)
+        return self.head(y.relu_().float())
+
+
+def test_an_in_place_op_writing_into_a_held_map_only_on_some_batches_copies_it() -> None:
+    model = AliasedWhenBright().eval()
+    dark, bright = -torch.rand(2, 3, 8, 8) - 0.1, torch.rand(2, 3, 8, 8) + 0.1
+    layers = discover(model, dark[:1])
+    with capture(model, layers, ["conv", "head"]) as run:
+        run(dark)  # planned: the ReLU writes into a float64 copy
+        maps = run(bright)
+    z = torch.nn.functional.conv2d(bright, model.conv.weight, model.conv.bias, padding=1)
+    assert maps["conv"].z is not None and torch.equal(maps["conv"].z, z)
