@@ -118,7 +118,8 @@ class LayerInfo:
 
 @dataclass
 class LayerMaps:
-    """One batch of one layer's maps, detached clones on the model's device."""
+    """One batch of one layer's maps, detached, on the model's device: the forward pass's own tensors
+    unless an in-place op was about to change them (``capture.unshared`` copies those the model keeps)."""
 
     z: torch.Tensor | None = None  # (N, C, H, W) or (N, F)
     a: torch.Tensor | None = None
