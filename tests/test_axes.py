@@ -311,6 +311,19 @@ def test_a_label_its_dimension_labels_contradict_is_a_damaged_file(
     assert not (tmp_path / "r.png").exists()
 
 
+def test_a_removed_label_is_a_damaged_file(images: list[Path], tmp_path: Path) -> None:
+    """Read as channels first (as in files of schema versions 1 and 2), a channels-last map's dead
+    channels were counted along W."""
+    out = extract(images, "channels_last_relu", tmp_path / "out.h5")
+    with h5py.File(out, "r+") as f:
+        del f["layers/block.2/preactivation"].attrs["axes"]
+        del f["layers/block.2/activation"].attrs["axes"]
+    assert error_line(invoke("inspect", out), 1) == (
+        f"Error: {out}: damaged fmap file: ValueError: /layers/block.2/preactivation has no axes attribute (read as "
+        "'N,C,H,W'), but its dimensions are labelled 'N,H,W,C'"
+    )
+
+
 def test_field_notes_say_why_a_receptive_field_is_unknown(images: list[Path], tmp_path: Path) -> None:
     out = extract(images, "rows_as_channels", tmp_path / "out.h5")
     with h5py.File(out, "r") as f:

@@ -47,15 +47,19 @@ def dataset_axes(ds: h5py.Dataset) -> Axes:
     """
     value = ds.attrs.get("axes")
     if value is None:
-        return default_axes(ds.ndim)
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    axes = tuple(text.split(","))
-    if len(axes) != ds.ndim or not valid(axes):
-        raise ValueError(f"{ds.name} has axes {text!r}, which do not name its {ds.ndim} axes")
-    # fmap labels the dimension scales as 'axes' names them: a label edited in one place only is damage
+        axes, says = (
+            default_axes(ds.ndim),
+            f"{ds.name} has no axes attribute (read as {joined(default_axes(ds.ndim))!r})",
+        )
+    else:
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        axes, says = tuple(text.split(",")), f"{ds.name} has axes {text!r}"
+        if len(axes) != ds.ndim or not valid(axes):
+            raise ValueError(f"{says}, which do not name its {ds.ndim} axes")
+    # fmap labels the dimension scales as 'axes' names them: a label edited or removed in one place only is damage
     labels = tuple(str(label) for label in (dim.label for dim in ds.dims))
     if any(labels) and labels != axes:
-        raise ValueError(f"{ds.name} has axes {text!r}, but its dimensions are labelled {joined(labels)!r}")
+        raise ValueError(f"{says}, but its dimensions are labelled {joined(labels)!r}")
     return axes
 
 
