@@ -227,16 +227,21 @@ def test_a_model_that_keeps_changing_path_stops_being_planned(monkeypatch: pytes
     assert counts["replay"] == capture_module.MAX_DIVERGED
 
 
-MODEL_KEEPING_ITS_MAPS = """
+STATEFUL_MODELS = """
 import torch
 from torch import nn
 
 
-class Cached(nn.Module):
+class Conv(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+
+class Cached(Conv):
+    def __init__(self):
+        super().__init__()
         self.relu = nn.ReLU()
         self.register_buffer("cache", torch.zeros(2, 4, 8, 8))
 
@@ -245,8 +250,10 @@ class Cached(nn.Module):
         return self.relu(self.cache[: len(x)])
 
 
-def cached():
-    return Cached()
+class Shifted(Conv):
+    def forward(self, x):
+        x.sub_(0.25)  # its own normalisation, in place: the batch fmap gave it
+        return self.conv(x).relu()
 """
 
 
@@ -255,8 +262,8 @@ def test_maps_in_memory_the_model_keeps_are_written_as_captured(
 ) -> None:
     """relu's z is a view of the model's buffer: the writer thread must not read it after the next
     batch wrote into it (here the writer waits until the next batch is captured)."""
-    factory = tmp_path / "cached.py"
-    factory.write_text(MODEL_KEEPING_ITS_MAPS)
+    factory = tmp_path / "stateful.py"
+    factory.write_text(STATEFUL_MODELS)
     images = write_photos(tmp_path / "images", 5)
     real_append, real_captured = MapWriter.append, pipeline._captured
     done = {"captured": 0, "written": 0}
@@ -278,7 +285,7 @@ def test_maps_in_memory_the_model_keeps_are_written_as_captured(
     monkeypatch.setattr(MapWriter, "append", late_append)
     monkeypatch.setattr(pipeline, "_captured", counted_captured)
     out = tmp_path / "out.h5"
-    ok(run_extract(images, Path(f"{factory}:cached"), out, "-b", "2", "--size", "8", "--save-input", "-l", "relu"))
+    ok(run_extract(images, Path(f"{factory}:Cached"), out, "-b", "2", "--size", "8", "--save-input", "-l", "relu"))
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, padding=1)
     with h5py.File(out, "r") as f, torch.no_grad():
@@ -287,33 +294,12 @@ def test_maps_in_memory_the_model_keeps_are_written_as_captured(
         assert np.allclose(f["layers/relu/activation"][:], np.maximum(z, 0), rtol=1e-5, atol=1e-5)
 
 
-MODEL_WRITING_ITS_INPUT = """
-import torch
-from torch import nn
-
-
-class Shifted(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-
-    def forward(self, x):
-        x.sub_(0.25)  # its own normalisation, in place: the batch fmap gave it
-        return self.conv(x).relu()
-
-
-def shifted():
-    return Shifted()
-"""
-
-
 def test_a_model_writing_into_its_input_leaves_the_stored_input_and_verify_alone(tmp_path: Path) -> None:
-    factory = tmp_path / "shifted.py"
-    factory.write_text(MODEL_WRITING_ITS_INPUT)
+    factory = tmp_path / "stateful.py"
+    factory.write_text(STATEFUL_MODELS)
     images = write_photos(tmp_path / "images", 5)
     out = tmp_path / "out.h5"
-    ok(run_extract(images, Path(f"{factory}:shifted"), out, "-b", "2", "--size", "8", "--save-input", "--verify"))
+    ok(run_extract(images, Path(f"{factory}:Shifted"), out, "-b", "2", "--size", "8", "--save-input", "--verify"))
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, padding=1)
     with h5py.File(out, "r") as f:
