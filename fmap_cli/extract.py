@@ -38,7 +38,7 @@ from .store.continuation import appended_list_sha256, check_appendable, find_res
 from .store.layout import Storage, encode_root
 from .store.rows import Batch
 from .store.writer import BackgroundWriter, MapWriter, Seed
-from .verify import Verifier, verifying
+from .verify import Verifier, host_values, verifying
 
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 DECODE_AHEAD = 2  # batches decoded ahead of the model per worker thread (memory: O(batch), not O(images))
@@ -594,4 +594,4 @@ def full_float32() -> Iterator[None]:
 
 
 def _host(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.detach().to("cpu").numpy()
+    return None if t is None else host_values(t)

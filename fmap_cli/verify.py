@@ -33,6 +33,7 @@ from .store import schema
 from .store.layout import Storage
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
+NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 _SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
 
 
@@ -101,6 +102,12 @@ def nonlinearity(name: str, params: dict[str, Any]) -> tuple[Callable[[np.ndarra
         "softplus": (softplus, 1e-6),
     }
     return functions.get(name)
+
+
+def host_values(t: torch.Tensor) -> np.ndarray:
+    """A map's values on the host, as numpy holds them: a float type numpy lacks (bfloat16, float8) as float32."""
+    t = t.detach().to("cpu")
+    return (t.float() if t.is_floating_point() and t.dtype not in NUMPY_FLOATS else t).numpy()
 
 
 @dataclass(frozen=True)
@@ -352,9 +359,7 @@ class Verifier:
 
     def _digest(self, name: str, role: str, stored: torch.Tensor) -> None:
         """Hash the values as the writer stores them (host copy, storage dtype, C order)."""
-        values = stored.detach().to("cpu").numpy()
-        if self.storage.dtype == "float16":
-            values = values.astype(np.float16)
+        values = host_values(stored).astype(np.float16 if self.storage.dtype == "float16" else np.float32, copy=False)
         self.digests.setdefault((name, role), hashlib.sha256()).update(np.ascontiguousarray(values).data)
 
     def finish(self, f: h5py.File, batch_size: int) -> Report:

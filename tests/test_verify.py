@@ -19,6 +19,8 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 from conftest import REPO, make_photo
+from helpers import ok, run_extract, write_photos
+from torch import nn
 
 from fmap_cli import extract as pipeline
 from fmap_cli import verify
@@ -285,3 +287,42 @@ def test_out_of_memory_in_the_check_retries_in_halves(
     assert result.exit_code == 0, result.output
     assert sizes == [3, 1, 2, 1, 1]
     assert f"all {stored_values(out)} stored values (6 layers x 3 images)" in verified_line(result)
+
+
+OTHER_DTYPES = """
+import torch
+from torch import nn
+
+
+class Maps(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.cast = nn.Identity()
+        self.dtype = getattr(torch, dtype)
+
+    def forward(self, x):
+        return self.cast(self.conv(x).to(self.dtype))
+
+
+def maps(dtype):
+    return Maps(dtype)
+"""
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int64"])
+def test_maps_of_other_dtypes_are_stored_and_verified(dtype: str, tmp_path: Path) -> None:
+    """bfloat16 (numpy has none) and integer maps: stored as float32, and --verify's digest of what
+    it checked is of the values as stored."""
+    factory = tmp_path / "dtypes.py"
+    factory.write_text(OTHER_DTYPES)
+    out = tmp_path / "out.h5"
+    images = write_photos(tmp_path / "images", 3)
+    ok(run_extract(images, Path(f"{factory}:maps"), out, "--model-arg", f"dtype={dtype}", "-b", "2", "--size", "8",
+                   "--save-input", "--layers", "cast", "--verify"))  # fmt: skip
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    with h5py.File(out, "r") as f, torch.no_grad():
+        want = conv(torch.from_numpy(f["input"][:])).to(getattr(torch, dtype)).float().numpy()
+        assert np.array_equal(f["layers/cast/preactivation"][:], want)
