@@ -184,11 +184,13 @@ def unshared(maps: dict[str, LayerMaps]) -> dict[str, LayerMaps]:
     memory = {id(t): (t, _storage(t)) for m in maps.values() for t in (m.z, m.a) if t is not None}
     tensors = [t for t, where in memory.values() if where is not None]  # None: no plain storage to ask about
     held = Counter(where for _, where in memory.values())  # memory -> the map tensors on it
-    # a storage's users: its tensors (views included) and the storage object made to ask
+    # a storage's users: its tensors (views included) and the storage object made to ask. Older CPU
+    # builds of torch do not expose the count (pytorch#131881): there every map is copied.
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
     copies = {
         id(t): t.clone()
         for t in tensors
-        if torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1 > held[memory[id(t)][1]]
+        if use_count is None or use_count(t.untyped_storage()._cdata) - 1 > held[memory[id(t)][1]]
     }
     return {name: LayerMaps(copies.get(id(m.z), m.z), copies.get(id(m.a), m.a)) for name, m in maps.items()}
 

@@ -394,3 +394,20 @@ def test_an_in_place_op_writing_into_a_held_map_only_on_some_batches_copies_it()
         maps = run(bright)
     z = torch.nn.functional.conv2d(bright, model.conv.weight, model.conv.bias, padding=1)
     assert maps["conv"].z is not None and torch.equal(maps["conv"].z, z)
+
+
+def test_unshared_copies_every_map_where_torch_cannot_count_a_storage_s_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU builds of older torch do not expose ``_storage_Use_Count``: no map may then be handed on
+    by reference, whether or not the model keeps its memory."""
+    buffer = torch.arange(12.0).reshape(1, 3, 2, 2)
+    own = torch.ones(1, 3, 2, 2)
+    maps = {"kept": LayerMaps(z=buffer[:, :2], a=None), "own": LayerMaps(z=own, a=own)}
+    counted = capture_module.unshared(maps)
+    assert counted["kept"].z.data_ptr() != buffer.data_ptr()  # the model keeps `buffer`: copied
+    assert counted["own"].z is own and counted["own"].a is own  # nothing else holds it: not copied
+    monkeypatch.delattr(torch._C, "_storage_Use_Count")
+    copied = capture_module.unshared(maps)
+    for name, m in maps.items():
+        for before, after in ((m.z, copied[name].z), (m.a, copied[name].a)):
+            if before is not None:
+                assert after.data_ptr() != before.data_ptr() and torch.equal(after, before)
