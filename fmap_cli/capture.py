@@ -149,7 +149,9 @@ def is_exported(model: nn.Module) -> bool:
 def _forward(model: nn.Module, x: torch.Tensor, recorder: Recorder | Replay) -> None:
     x = x.clone()  # the model may write into its input: the caller's (/input, --verify's) stays as it was given
     try:
-        with torch.inference_mode():
+        # no_grad, not inference_mode: tensors keep their version counters, which catch a write into a
+        # held map by an op fmap does not see (pairing.handed_on)
+        with torch.no_grad():
             recorder.start(x)
             if isinstance(model, torch.fx.GraphModule) and is_exported(model):
                 _ExportedEvents(model, recorder).run(x)
@@ -221,7 +223,8 @@ def capture(
 
     Raises (from ``run``):
         ModelError: a wanted map was not produced: the model took another path through its code
-            than for the image :func:`discover` saw.
+            than for the image :func:`discover` saw; or a map was changed in place by an op fmap
+            does not see (``pairing.handed_on``).
     """
     expected = {name: {"z"} | ({"a"} if layers[name].nonlinearity != "none" else set()) for name in names}
     plans: dict[tuple[Any, ...], Plan | None] = {}

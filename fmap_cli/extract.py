@@ -467,6 +467,8 @@ def _forward(
     x = torch.from_numpy(batch.pixels).to(device, non_blocking=True, memory_format=memory_format)  # (N, 3, H, W)
     try:
         return _run_halving(run, x)
+    except ModelError:  # capture refused the maps (they were changed in place): its message names the layer
+        raise
     except Exception as exc:  # the model's own code: any error is the model's
         raise ModelError(
             f"model {model}: the forward pass fails on {batch.paths[0]} and the {len(batch.paths) - 1} "

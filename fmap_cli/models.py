@@ -339,6 +339,13 @@ def _factory_model(location: str, factory: str, kwargs: dict[str, Any]) -> nn.Mo
         ) from None
     if not isinstance(built, nn.Module):
         raise ModelError(f"--model {location}:{factory}: returned {type(built).__name__}, not a torch.nn.Module")
+    scripted = next((path for path, m in built.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:  # its calls take no hooks, and the ops inside it are hidden from fmap
+        what = f"its module '{scripted}' is" if scripted else "the model is"
+        raise ModelError(
+            f"--model {location}:{factory}: {what} TorchScript (torch.jit.script or trace), whose calls and "
+            "ops fmap cannot see to capture maps; return the plain nn.Module, without torch.jit"
+        )
     return built
 
 

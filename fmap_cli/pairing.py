@@ -15,7 +15,9 @@ Pairing rule (also in the README and in every file's ``pairing_rule`` and ``path
 * no nonlinearity reached: z only.
 
 Captured tensors are held by reference and copied just before an in-place op (``ReLU(inplace=True)``,
-``+=``, ``out=``) would write into their memory, so what is stored is what the layer computed.
+``+=``, ``out=``) would write into their memory, so what is stored is what the layer computed. A
+write fmap does not see (an in-place op inside TorchScript or a C++ extension) is caught by the
+held tensor's version counter when the maps are handed on, and refused.
 The recorder also follows each tensor's receptive field through every op (``fields.py``) and where
 each layer's input came from (the newest layer upstream, through plain ops such as reshapes).
 """
@@ -32,6 +34,7 @@ import torch
 
 from . import fields
 from .axes import detect
+from .errors import ModelError
 from .store.axes import Axes, Tokens
 
 # Nonlinearities by op name (in-place variants end in "_", aten names end in ".default").
@@ -144,12 +147,52 @@ class _TensorMap:
 
 
 class _Box:
-    """A captured tensor, held by reference until an in-place op would change it (then copied)."""
+    """A captured tensor, held by reference until an in-place op would change it (then copied), and
+    its version counter when held: an op fmap does not see (in TorchScript, a C++ extension) that
+    writes into it still moves the counter, which :func:`handed_on` reads."""
 
-    __slots__ = ("t",)
+    __slots__ = ("t", "version")
 
     def __init__(self, t: torch.Tensor) -> None:
         self.t = t
+        self.version = _version(t)
+
+    def copy(self) -> None:
+        """Hold a private copy from now on: an op fmap sees is about to write into the tensor."""
+        self.t = self.t.clone()
+        self.version = _version(self.t)
+
+    def changed(self) -> bool:
+        """Whether something wrote into the held tensor (or its memory, through a view) since it was held."""
+        return self.version is not None and _version(self.t) != self.version
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (views share their base's), or None where it has none (an inference tensor)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def handed_on(held: dict[str, dict[str, _Box]]) -> dict[str, LayerMaps]:
+    """The maps of the held tensors (layer -> role -> box), refused if any was changed after it was
+    computed, by a write fmap did not see coming.
+
+    Raises:
+        ModelError: names the first such layer and what to do.
+    """
+    for name, roles in held.items():
+        for role, box in roles.items():
+            if box.changed():
+                raise ModelError(
+                    f"layer '{name}': its map {role} was changed in place by an op fmap cannot see (in TorchScript "
+                    "or a C++ extension); switch that op's in-place mode off or choose another layer"
+                )
+    return {
+        name: LayerMaps(roles["z"].t if "z" in roles else None, roles["a"].t if "a" in roles else None)
+        for name, roles in held.items()
+    }
 
 
 @dataclass
@@ -207,11 +250,12 @@ class Recorder:
 
     @property
     def maps(self) -> dict[str, LayerMaps]:
-        """The captured maps of the wanted layers."""
-        return {
-            name: LayerMaps(roles["z"].t if "z" in roles else None, roles["a"].t if "a" in roles else None)
-            for name, roles in self._wanted_boxes.items()
-        }
+        """The captured maps of the wanted layers.
+
+        Raises:
+            ModelError: a map was changed in place by an op fmap did not see (:func:`handed_on`).
+        """
+        return handed_on(self._wanted_boxes)
 
     def start(self, x: torch.Tensor) -> None:
         """The model's input tensor."""
@@ -399,7 +443,7 @@ class Recorder:
         storage = _storage(target)
         for box in self._boxes:
             if storage is None or _storage(box.t) == storage:  # unknown memory: copy to be safe
-                box.t = box.t.clone()
+                box.copy()
 
     def _store(self, name: str, role: str, t: torch.Tensor | _Box | None) -> None:
         if t is None or not self._wants(name):

@@ -7,7 +7,7 @@ pairing rule names layer L's map and the pass stops right after it), run inside
 :class:`_BackwardRules`, a ``TorchFunctionMode`` below capture's own that sees every op the model
 calls (module, functional and in-place forms of a nonlinearity alike, as capture sees them) and
 
-* runs it with autograd on (capture runs the model under ``torch.inference_mode``);
+* runs it with autograd on (capture runs the model under ``torch.no_grad``);
 * gives every nonlinearity the method's backward rule (``store.schema.PROJECTION_METHODS``):
   deconvnet: :class:`_Rectified` (relu of the signal, the forward input ignored); guided: the
   ordinary backward of f after a hook rectifies the signal; gradient: nothing changed;
@@ -166,7 +166,7 @@ class _BackwardRules(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         x = args[0] if args else kwargs.get("input")
-        with torch.inference_mode(False):  # grad mode as outside capture's inference mode: on (_project_batch)
+        with torch.enable_grad():  # capture runs the model under no_grad
             rule = isinstance(x, torch.Tensor) and x.requires_grad and op_name(func)[0] in NONLINEAR_OPS
             if rule and self.method == "deconvnet":
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import fields
-from .pairing import LayerMaps, Recorder, StopForward, _Box, _storage
+from .pairing import LayerMaps, Recorder, StopForward, _Box, _storage, handed_on
 
 __all__ = ["Diverged", "Plan", "Planner", "Replay"]
 
@@ -299,7 +299,7 @@ class Replay:
         for i in copied:
             box = self._boxes[i]
             assert box is not None, "only held boxes are listed"
-            box.t = box.t.clone()  # a private copy: nothing writes into it
+            box.copy()  # a private copy: nothing writes into it
 
     @property
     def maps(self) -> dict[str, LayerMaps]:
@@ -307,12 +307,12 @@ class Replay:
 
         Raises:
             Diverged: the forward pass ended before every planned op ran.
+            ModelError: a map was changed in place by an op fmap did not see (``pairing.handed_on``).
         """
         self._calls = []  # the forward pass ended (no StopForward): every call has returned
-        held = [box.t for box in self._boxes if box is not None]
-        if self._diverged or self._step <= self.plan.last or len(held) < len(self._boxes):
+        boxes = [box for box in self._boxes if box is not None]
+        if self._diverged or self._step <= self.plan.last or len(boxes) < len(self._boxes):
             raise Diverged
-        return {
-            name: LayerMaps(held[roles["z"]] if "z" in roles else None, held[roles["a"]] if "a" in roles else None)
-            for name, roles in self.plan.roles.items()
-        }
+        return handed_on(
+            {name: {role: boxes[i] for role, i in roles.items()} for name, roles in self.plan.roles.items()}
+        )

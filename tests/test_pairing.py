@@ -4,11 +4,19 @@ position embedding) still names where its input came from."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_left_clean, error_line, invoke, ok, run_extract, write_photos
 from torch import nn
 
 from fmap_cli.capture import capture, discover
+from fmap_cli.errors import ModelError
 from fmap_cli.layers import provenance
 
 
@@ -98,3 +106,112 @@ def test_bitwise_in_place_operators_do_not_change_a_held_map() -> None:
     with capture(model, layers, ["mask", "head"]) as run:
         z = run(x)["mask"].z
     assert z is not None and torch.equal(z, (F.conv2d(x, model.conv.weight, model.conv.bias, padding=1) > 0).long())
+
+
+SCRIPTED = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.jit.script
+def relu_(x: torch.Tensor) -> torch.Tensor:  # fmap sees no op inside TorchScript
+    return x.relu_()
+
+
+class Net(nn.Module):
+    def __init__(self, scripted: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.scripted = scripted
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x)
+        return self.head(relu_(z) if self.scripted else F.relu(z))
+
+
+def with_scripted_conv() -> nn.Module:
+    model = Net(scripted=False)
+    model.conv = torch.jit.script(model.conv)
+    return model
+"""
+CHANGED = (
+    "Error: layer 'conv': its map z was changed in place by an op fmap cannot see (in TorchScript or a C++ "
+    "extension); switch that op's in-place mode off or choose another layer"
+)
+
+
+@pytest.mark.parametrize("layers", [["conv", "head"], ["conv"]])
+def test_a_held_map_changed_by_an_op_fmap_cannot_see_is_refused(tmp_path: Path, layers: list[str]) -> None:
+    """conv's z is held by reference; a relu_ inside TorchScript then writes into it. Wanting head too,
+    the first batch's full pass runs the relu_; wanting conv alone, it stops before, and the
+    replay of the second batch (which stops at the next op fmap sees) runs it."""
+    (tmp_path / "scripted.py").write_text(SCRIPTED)
+    images = write_photos(tmp_path / "images", 5)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    result = run_extract(
+        images, Path(f"{tmp_path / 'scripted.py'}:Net"), outdir / "out.h5", "-b", "2", "-l", ",".join(layers)
+    )
+    assert error_line(result, 1) == CHANGED
+    assert_left_clean(outdir)
+
+
+def test_replayed_batches_are_checked_too(tmp_path: Path) -> None:
+    (tmp_path / "scripted.py").write_text(SCRIPTED)
+    spec = importlib.util.spec_from_file_location("scripted", tmp_path / "scripted.py")  # TorchScript reads the source
+    assert spec is not None and spec.loader is not None
+    scripted = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scripted)
+    model = scripted.Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    layers = discover(model, x)
+    with capture(model, layers, ["conv"]) as run:
+        z = run(x)["conv"].z  # the full pass stops before the relu_
+        assert z is not None and torch.equal(z, F.conv2d(x, model.conv.weight, model.conv.bias, padding=1))
+        for _ in range(2):  # replays
+            with pytest.raises(ModelError, match=r"^layer 'conv': its map z was changed in place"):
+                run(x)
+
+
+def test_without_the_in_place_op_the_maps_are_the_layer_s(tmp_path: Path) -> None:
+    (tmp_path / "scripted.py").write_text(SCRIPTED)
+    images = write_photos(tmp_path / "images", 5)
+    out = tmp_path / "out.h5"
+    model = f"{tmp_path / 'scripted.py'}:Net"
+    ok(
+        run_extract(
+            images,
+            Path(model),
+            out,
+            "-b",
+            "2",
+            "--size",
+            "8",
+            "--save-input",
+            "-l",
+            "conv",
+            "--model-arg",
+            "scripted=false",
+        )
+    )
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    with h5py.File(out, "r") as f:
+        x = torch.from_numpy(f["input"][:])
+        z, a = f["layers/conv/preactivation"][:], f["layers/conv/activation"][:]
+    want = F.conv2d(x, conv.weight, conv.bias, padding=1).detach().numpy()
+    assert np.allclose(z, want, rtol=1e-5, atol=1e-5)
+    assert np.allclose(a, np.maximum(want, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_a_torchscript_module_is_refused_when_the_model_is_loaded(tmp_path: Path) -> None:
+    (tmp_path / "scripted.py").write_text(SCRIPTED)
+    result = invoke("layers", "-m", f"{tmp_path / 'scripted.py'}:with_scripted_conv")
+    assert error_line(result, 1) == (
+        f"Error: --model {tmp_path / 'scripted.py'}:with_scripted_conv: its module 'conv' is TorchScript "
+        "(torch.jit.script or trace), whose calls and ops fmap cannot see to capture maps; return the plain "
+        "nn.Module, without torch.jit"
+    )
