@@ -60,6 +60,9 @@ PASS_MODULES = (
     "InstanceNorm2d", "InstanceNorm3d", "LocalResponseNorm", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d",
     "AlphaDropout", "Identity",
 )  # fmt: skip
+# Ops that write into their first argument under another name (x[i] = y), or give its memory to code whose
+# writes no version counter sees (numpy, DLPack): held maps on it are copied first, as before an in-place op.
+WRITERS = {"setitem", "numpy", "array", "dlpack"}
 _DUNDER = {"iadd": "add_", "radd": "add", "isub": "sub_", "rsub": "sub", "imul": "mul_", "rmul": "mul",
            "truediv": "div", "itruediv": "div_", "iand": "bitwise_and_", "ior": "bitwise_or_",
            "ixor": "bitwise_xor_", "ilshift": "bitwise_left_shift_", "irshift": "bitwise_right_shift_"}  # fmt: skip
@@ -321,7 +324,7 @@ class Recorder:
         if self._busy:
             return run()
         name, inplace = op_name(func)
-        writes = inplace or kwargs.get("inplace") is True or "out" in kwargs or name == "setitem"
+        writes = inplace or kwargs.get("inplace") is True or "out" in kwargs or name in WRITERS
         target = kwargs.get("out", args[0] if args else None) if writes else None
         x = first_tensor(args)
         lineage = self._lineage.get(x, {}) if x is not None else {}

@@ -215,3 +215,29 @@ def test_a_torchscript_module_is_refused_when_the_model_is_loaded(tmp_path: Path
         "(torch.jit.script or trace), whose calls and ops fmap cannot see to capture maps; return the plain "
         "nn.Module, without torch.jit"
     )
+
+
+class ThroughNumpy(nn.Module):
+    """Writes into conv's output through numpy, which no version counter follows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x)
+        np.maximum(z.numpy(), 0, out=z.numpy())
+        return self.head(z)
+
+
+def test_a_write_through_numpy_leaves_held_maps_as_computed() -> None:
+    """In the full pass (the first batch) and in the replays of its plan."""
+    model = ThroughNumpy().eval()
+    layers = discover(model, torch.zeros(1, 3, 8, 8))
+    with capture(model, layers, ["conv", "head"]) as run:
+        for seed in range(3):
+            x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+            z = run(x)["conv"].z
+            assert z is not None and torch.equal(z, F.conv2d(x, model.conv.weight, model.conv.bias, padding=1))
