@@ -83,10 +83,11 @@ class RGBType(click.ParamType):  # type: ignore[type-arg]  # as SizeType
         return (numbers[0], numbers[1], numbers[2])
 
 
-def _split_layers(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
-    if value is None:
+def _split_layers(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str] | None:
+    """Every -l/--layers given (repeatable, each comma-separated), in order, each name once."""
+    if not values:
         return None
-    names = [name.strip() for name in value.split(",") if name.strip()]
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
     if not names:
         raise click.BadParameter("give at least one layer name, e.g. --layers conv1,conv2")
     return list(dict.fromkeys(names))
@@ -256,9 +257,11 @@ def _inputs(
 @click.option(
     "-l",
     "--layers",
+    multiple=True,
     callback=_split_layers,
     metavar="L1,L2",
-    help="Layer names or globs to store (default: conv/linear layers followed by a nonlinearity; see 'fmap layers').",
+    help="Layer names or globs to store, repeatable (default: conv/linear layers followed by a nonlinearity; see "
+    "'fmap layers').",
 )
 @output_options
 @click.option("--save-input", is_flag=True, help="Also store the exact input tensor as /input.")
@@ -537,7 +540,10 @@ def inspect(file: Path, as_json: bool, top: int | None, hist: bool, **details: A
 @cli.command()
 @model_options(DEFAULT_MODEL)
 @click.option("--size", type=SizeType(), help="Input size N or H,W for the shapes (default: the model's).")
-@click.option("-l", "--layers", "patterns", callback=_split_layers, metavar="L1,L2", help="Only these names or globs.")
+@click.option(
+    "-l", "--layers", "patterns", multiple=True, callback=_split_layers, metavar="L1,L2",
+    help="Only these names or globs (repeatable).",
+)  # fmt: skip
 def layers(
     model: str | None, weights: str | None, model_args: tuple[str, ...], size: tuple[int, int] | None,
     patterns: list[str] | None,

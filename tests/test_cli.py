@@ -93,6 +93,16 @@ def test_layers_option_selects_and_orders(tiny_model: Path, images: list[Path], 
         assert list(f.attrs["layers"]) == ["pool1", "conv2"]  # forward order, not the order asked
 
 
+def test_layers_option_repeated_adds_up(tiny_model: Path, images: list[Path], tmp_path: Path) -> None:
+    """-l conv1 -l conv2 stores both (click kept only the last one: conv2 alone, silently)."""
+    out = tmp_path / "l.h5"
+    extract(str(images[0]), "-m", str(tiny_model), "-l", "conv2", "--layers", "pool1,conv2", "-o", str(out))
+    with h5py.File(out, "r") as f:
+        assert list(f.attrs["layers"]) == ["pool1", "conv2"]
+    result = invoke("layers", "-m", str(tiny_model), "-l", "conv1", "-l", "pool1")
+    assert [line.split()[0] for line in result.output.splitlines()[1:] if line.strip()] == ["conv1", "pool1"]
+
+
 def test_overwrite_replaces_existing_file(tiny_model: Path, images: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "o.h5"
     extract(str(images[0]), "-m", str(tiny_model), "-o", str(out))
