@@ -369,15 +369,9 @@ def test_a_module_changing_its_output_after_the_planned_op_is_another_path() -> 
     assert maps["conv"].z is not None and torch.equal(maps["conv"].z, 2 * z)
 
 
-class AliasedWhenBright(nn.Module):
+class AliasedWhenBright(zoo.ConvHead):
     """The same ops on the same tensors for every input, but whether the in-place ReLU writes into
     conv's output depends on the input's values: ``z.to(dtype)`` is ``z`` itself or a copy."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.head = nn.Conv2d(4, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.conv(x)

@@ -294,6 +294,20 @@ def residual_net(seed: int = 0) -> ResidualNet:
 # ---------------------------------------------------------------------------- loading (MNASNet-style)
 
 
+class ConvHead(nn.Module):
+    """conv (3 -> 4, 3x3) then head (4 -> 2, 1x1), seeded: the base of small models whose forward does
+    something to conv's output on its way to head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x))
+
+
 class Versioned(nn.Module):
     """Like torchvision's MNASNet: its ``_load_from_state_dict`` needs the state dict's module version."""
 
