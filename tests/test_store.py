@@ -11,6 +11,7 @@ import resource
 import signal
 import subprocess
 import sys
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -671,6 +672,31 @@ def test_append_adds_images(tmp_path: Path, tiny_model: Path) -> None:
     for key, values in maps_of(reference).items():
         np.testing.assert_allclose(after[key], values, rtol=1e-5, atol=1e-6, err_msg=key)
     check_stats_match_maps(out)  # statistics cover old and new images
+
+
+def test_append_names_every_library_that_compressed_its_chunks(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The appended file keeps OUT's chunks as stored: when they were compressed by the zlib fallback
+    and this run's by ISA-L, `compressor` names both (it named this run's library alone)."""
+    isal = pytest.importorskip("isal")
+    from fmap_cli.store import chunks
+
+    fast, fallback = f"isal {isal.__version__} level 1", f"zlib {zlib.ZLIB_RUNTIME_VERSION} level 1"
+    out = tmp_path / "out.h5"
+    with monkeypatch.context() as patch:
+        patch.setattr(chunks, "deflater", chunks.zlib_deflater)
+        ok(run_extract(write_photos(tmp_path / "imgs", 2), tiny_model, out))
+    for start, expected in ((10, f"{fallback}, {fast}"), (20, f"{fallback}, {fast}")):  # the second adds nothing
+        ok(run_extract(write_photos(tmp_path / "imgs", 1, start=start), tiny_model, out, "--append"))
+        with h5py.File(out, "r") as f:
+            assert f.attrs["compressor"] == expected
+    with h5py.File(out, "r+") as f:  # a file from before the attribute: zlib, unrecorded
+        del f.attrs["compressor"]
+    ok(run_extract(write_photos(tmp_path / "imgs", 1, start=30), tiny_model, out, "--append"))
+    with h5py.File(out, "r") as f:
+        assert f.attrs["compressor"] == f"unrecorded (zlib), {fast}"
+        assert int(f.attrs["n_images"]) == 5
 
 
 def test_append_indices_continue_after_old_inputs(tmp_path: Path, tiny_model: Path) -> None:

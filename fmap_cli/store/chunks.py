@@ -100,6 +100,9 @@ def describe_compressors(codecs: Mapping[str, tuple[str | None, int]]) -> str:
     return "; ".join(f"{role}: {text}" for role, text in used.items()) or "none"
 
 
+UNRECORDED = "unrecorded (zlib)"  # the compressor of a file written before the attribute
+
+
 def write_rows(ds: h5py.Dataset, start: int, values: np.ndarray, pool: ThreadPoolExecutor) -> None:
     """Write ``values`` into rows ``start``.. of ``ds`` (already resized).
 

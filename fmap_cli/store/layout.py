@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +118,12 @@ def encode(dtype: str, value: Any) -> Any:
 def encode_root(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """Root attributes as they are stored (for comparing a run with a file)."""
     return {name: encode(schema.attr_for("/", name).dtype, value) for name, value in attrs.items()}
+
+
+def join_distinct(values: Iterable[str]) -> str:
+    """One attribute for values that several writers of a file recorded (merge, --append, --resume):
+    each distinct value once, in order, joined with ', '; values joined before are split again."""
+    return ", ".join(dict.fromkeys(part for value in values for part in value.split(", ")))
 
 
 def set_attrs(obj: h5py.HLObject, **values: Any) -> None:

@@ -29,9 +29,9 @@ from ..stopping import StopRequested, check
 from . import schema
 from .atomic import AtomicOutput, check_target
 from .axes import joined, layer_axes
-from .chunks import copy_rows
+from .chunks import UNRECORDED, copy_rows
 from .continuation import differences, file_fingerprint
-from .layout import set_attrs
+from .layout import join_distinct, set_attrs
 from .reader import channel_count, int_attr, open_fmap, printable, shown_value
 from .stats import SUMMARY, ChannelStats
 
@@ -42,7 +42,7 @@ RUN_ATTRS = frozenset({"shard_index", "shard_count", "complete", "n_images", "cr
 # Root attributes that may differ between the shards of one job (where each ran, which library
 # compressed its chunks): the merged file holds their distinct values in shard order, joined with
 # ", "; a shard without one counts as the value given here.
-JOINED = {"device": "?", "torch_version": "?", "compressor": "unrecorded (zlib)"}
+JOINED = {"device": "?", "torch_version": "?", "compressor": UNRECORDED}
 FAILURES = schema.FAILURES
 BLOCK_BYTES = 64 << 20  # rows of small datasets read at a time
 
@@ -382,7 +382,7 @@ class _Merger:
                 if f"{stats}/{role}_{key}" in self.f:
                     self.f[f"{stats}/{role}_{key}"][...] = values
         self._failures()
-        joined = {key: ", ".join(values) for key, values in self._runs.items()}
+        joined = {key: join_distinct(values) for key, values in self._runs.items()}
         if joined["compressor"] == JOINED["compressor"]:  # no shard records one (written before the attribute)
             del joined["compressor"]
         set_attrs(self.f, **joined)

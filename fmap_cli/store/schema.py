@@ -284,9 +284,10 @@ SCHEMA: tuple[Node, ...] = (
                 "missing; gzip:0 is always zlib's level 0, stored); 'role: ...; role: ...' when z and a differ; "
                 "'none' without gzip. Either way the chunks are standard zlib streams, read by any HDF5 deflate "
                 "filter; the level in the filter's parameters is the gzip:N asked for, information only. Chunks "
-                "copied as stored (--resume, --append, merge) keep the bytes their own writer made: a merged "
-                "file whose shards differ holds each distinct value (in shard order, joined with ', '; "
-                "'unrecorded (zlib)' for a shard written before the attribute). Absent in files written before "
+                "copied as stored (--resume, --append, merge) keep the bytes their own writer made: a file whose "
+                "chunks different libraries made holds each distinct value (in the order the files were "
+                "written, joined with ', '; 'unrecorded (zlib)' for a file written before the attribute). "
+                "Absent in files written before "
                 "it was added (their chunks are zlib's).",
                 required=False,
             ),

@@ -25,7 +25,8 @@ import h5py
 from ..errors import FmapError, StoppedError, first_line
 from ..stopping import StopRequested, wait
 from .atomic import AtomicOutput, lock
-from .layout import LayerRecord, Storage, create_layout, set_attrs
+from .chunks import UNRECORDED
+from .layout import LayerRecord, Storage, create_layout, join_distinct, set_attrs
 from .rows import Batch, Failure, RowWriter, stored_stats
 
 
@@ -212,6 +213,9 @@ class MapWriter(FileWriter):
                 f.flush()  # a full disk fails before the copy
                 with h5py.File(seed.path, "r", locking=False) as old:  # locked by us, or a killed run's
                     rows.seed_from(old, stored_stats(old, layers) if seed.finished else None)
+                    # the seeded chunks keep the bytes their own writer made (ISA-L or the zlib fallback)
+                    before = str(old.attrs.get("compressor", UNRECORDED))
+                    set_attrs(f, compressor=join_distinct([before, str(f.attrs["compressor"])]))
             return rows
 
         return cls(*cls._open(out, overwrite, build, hold), seed, hold)
