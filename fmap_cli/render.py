@@ -142,18 +142,24 @@ def image_index(f: h5py.File, image: str) -> int:
 
 
 def default_output(options: RenderOptions) -> Path:
-    """``<file stem>.<layer>[.overlayC|.topK-cC].png`` in the current directory (without a layer, for
-    projection files: ``<file stem>[.full].png``)."""
-    if options.layer is None:  # occlusion files: one name per --image
-        image = "" if options.image == "0" else "." + re.sub(r"[^A-Za-z0-9._-]", "_", options.image)
+    """``<file stem>.<layer>[.overlayC|.topK-cC][.<image>][.<role>][.<scale>].png`` in the current
+    directory, naming every choice that changes the picture (the image unless it is image 0; role
+    and scale when given); for occlusion and projection files ``<file stem>[.full][.<image>].png``."""
+    image = "" if options.image == "0" or options.top is not None else "." + _safe(options.image)
+    if options.layer is None:
         return Path(f"{options.file.stem}{'.full' if options.full else ''}{image}.png")
-    layer = re.sub(r"[^A-Za-z0-9._-]", "_", options.layer)
     what = ""
     if options.overlay is not None:
         what = f".overlay{options.overlay}"
     elif options.top is not None:
         what = f".top{options.top}-c{options.channel}"
-    return Path(f"{options.file.stem}.{layer}{what}.png")
+    grid = "".join(f".{value}" for value in (options.role, options.scale) if value is not None)
+    return Path(f"{options.file.stem}.{_safe(options.layer)}{what}{image}{grid}.png")
+
+
+def _safe(text: str) -> str:
+    """``text`` as part of a file name: letters, digits, '.', '_' and '-' kept, the rest '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
 
 
 def render_png(options: RenderOptions, out: Path | None = None, overwrite: bool = False) -> Path:

@@ -108,8 +108,16 @@ def test_grid_of_an_extracted_file_by_image_path(
     layout = GridLayout.fit(channels, (h, w), 1)
     assert picture.width >= layout.size[0] and picture.height > layout.size[1]
     monkeypatch.chdir(tmp_path)
-    default = Path(invoke("render", str(out), "--layer", "conv1", "--image", "2").stdout.strip())
-    assert default == Path("maps.conv1.png") and (tmp_path / default).is_file()
+    names = {
+        ("--image", "0"): "maps.conv1.png",
+        ("--image", "2"): "maps.conv1.2.png",  # it was maps.conv1.png too: the second render collided
+        ("--image", images[1].name, "--role", "both"): f"maps.conv1.{images[1].name}.both.png",
+        ("--overlay", "1", "--image", "1"): "maps.conv1.overlay1.1.png",
+        ("--top", "2", "--channel", "3"): "maps.conv1.top2-c3.png",
+    }
+    for args, name in names.items():
+        default = Path(invoke("render", str(out), "--layer", "conv1", *args).stdout.strip())
+        assert default == Path(name) and (tmp_path / default).is_file()
 
 
 # ---------------------------------------------------------------------------- overlay alignment
