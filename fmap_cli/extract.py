@@ -142,10 +142,18 @@ def preprocessing_for(spec: InputSpec, choice: ModelChoice) -> Preprocessing:
         if clash is not None:
             raise UsageError(f"{clash} and --no-resize cannot be used together")
     resize = spec.resize if choice.size is None else None  # --size replaces the model's resize rule
+    mean, std = choice.mean or spec.mean, choice.std or spec.std
+    # pixels in [0, 1] become (x - mean) / std in float32: past its range they would be inf, maps NaN
+    widest = max((1 + abs(m)) / s for m, s in zip(mean, std, strict=True))
+    if widest > FLOAT32_MAX:
+        raise UsageError(
+            f"--mean/--std: mean {_rgb(mean)} and std {_rgb(std)} would normalise pixels to {widest:.3g}, "
+            f"beyond float32 ({FLOAT32_MAX:.3g}); give a larger --std"
+        )
     return Preprocessing(
         size=None if choice.no_resize else (choice.size or spec.size),
-        mean=choice.mean or spec.mean,
-        std=choice.std or spec.std,
+        mean=mean,
+        std=std,
         resize=choice.resize or resize,
         background=spec.background,
         interpolation=choice.interpolation or spec.interpolation,
@@ -153,6 +161,13 @@ def preprocessing_for(spec: InputSpec, choice: ModelChoice) -> Preprocessing:
         recipe=spec.recipe,
         overridden=tuple(flag for flag, value in given.items() if value is not None),
     )
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _rgb(values: Sequence[float]) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
 @dataclass(frozen=True)

@@ -329,6 +329,21 @@ def test_resize_flags_with_no_resize(good: list[Path], tiny_model: Path, outdir:
     assert line == f"Error: {flags[0]} and --no-resize cannot be used together"
 
 
+@pytest.mark.parametrize(
+    ("flags", "shown"),
+    [
+        (("--std", "1e-40,1,1"), "mean 0.5,0.4,0.3 and std 1e-40,1,1 would normalise pixels to 1.5e+40"),
+        (("--mean", "1e39,0,0", "--std", "1,1,1"), "mean 1e+39,0,0 and std 1,1,1 would normalise pixels to 1e+39"),
+    ],
+)
+def test_a_normalisation_past_float32_is_refused(
+    good: list[Path], tiny_model: Path, outdir: Path, flags: tuple[str, ...], shown: str
+) -> None:
+    """It gave NaN maps and exit 0: (x - mean) / std overflowed float32."""
+    line = extract_fails(good, tiny_model, outdir, 2, *flags)
+    assert line == f"Error: --mean/--std: {shown}, beyond float32 (3.4e+38); give a larger --std"
+
+
 def test_occlude_refuses_a_bad_std(good: list[Path], tiny_model: Path, tmp_path: Path) -> None:
     result = invoke("occlude", good[0], "-m", tiny_model, "--layer", "conv2", "--std", "1,1", "-o", tmp_path / "o.h5")
     line = error_line(result, 2)
