@@ -23,7 +23,7 @@ from .render import image_index
 from .store import schema
 from .store.occlusion import OcclusionImage, read_image
 from .store.reader import printable
-from .summary import json_safe
+from .summary import Header, json_safe
 
 ROW_LIMIT = 16  # --image all draws at most this many images, one row each
 CHANNEL_PANELS = 3  # per image: the stored channels with the largest drops, at most this many
@@ -78,17 +78,10 @@ class OccludedImage:
 
 
 @dataclass
-class OcclusionSummary:
+class OcclusionSummary(Header):
     """What ``fmap inspect`` reports about an occlusion file."""
 
-    path: str
     kind: str
-    schema_version: int
-    fmap_version: str
-    created: str
-    device: str
-    model_name: str
-    model_source: str
     n_images: int
     input_saved: bool
     preprocessing: dict[str, Any]
@@ -127,14 +120,8 @@ def occlusion_summary(f: h5py.File, path: str) -> OcclusionSummary:
     images = [_image_summary(read_image(f, n)) for n in range(len(f["N"]))]  # /N: checked against every row
     activity = group.get("activity")
     return OcclusionSummary(
-        path=path,
+        **Header.read(f, path),
         kind=schema.OCCLUSION,
-        schema_version=int(f.attrs["fmap_schema_version"]),
-        fmap_version=_text(f.attrs.get("fmap_version")) or "?",
-        created=_text(f.attrs.get("created")) or "?",
-        device=_text(f.attrs.get("device")) or "?",
-        model_name=_text(f.attrs.get("model_name")) or "?",
-        model_source=_text(f.attrs.get("model_source")) or "?",
         n_images=len(images),
         input_saved=schema.INPUT in f,
         preprocessing=json.loads(_text(f.attrs.get("preprocessing")) or "{}"),
@@ -185,9 +172,7 @@ def format_occlusion_summary(summary: OcclusionSummary) -> str:
     s = summary
     fill = ", ".join(f"{v:.3g}" for v in s.fill)
     lines = [
-        f"{s.path}: fmap occlusion file (schema v{s.schema_version}), written by fmap {s.fmap_version} at "
-        f"{s.created} on {s.device}",
-        f"model: {s.model_name} ({s.model_source})",
+        *s.header_lines(f"fmap occlusion file (schema v{s.schema_version})"),
         f"occluder: {s.patch[0]}x{s.patch[1]} pixels, fill {s.fill_name} (R, G, B = {fill} before normalising), "
         f"stride {s.stride[0]}x{s.stride[1]}: {s.grid[0]}x{s.grid[1]} positions",
     ]

@@ -20,7 +20,7 @@ from .geometry import Geometry
 from .receptive import OVERLAY_MIN, PATCH_SIZE, crop, preprocessing_of, source_name, to_picture
 from .store.projection import Projections, read_projections
 from .store.reader import printable
-from .summary import json_safe
+from .summary import Header, json_safe, text
 
 GAP = 6  # between cells
 BOX = (255, 64, 64)  # the unit's receptive field, drawn on whole pictures (--full)
@@ -46,17 +46,10 @@ class ProjectedUnit:
 
 
 @dataclass
-class ProjectionSummary:
+class ProjectionSummary(Header):
     """What ``fmap inspect`` reports about a projection file."""
 
-    path: str
     kind: str
-    schema_version: int
-    fmap_version: str
-    created: str
-    device: str
-    model_name: str
-    model_source: str
     source_file: str
     source_input_list_sha256: str
     method: str
@@ -77,27 +70,17 @@ class ProjectionSummary:
         return {key: json_safe(value) for key, value in data.items()}
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
 def projection_summary(f: h5py.File, path: str) -> ProjectionSummary:
     """Summarise a projection file opened with ``reader.open_fmap``."""
     p = read_projections(f)
     attrs = f.attrs
     return ProjectionSummary(
-        path=path,
+        **Header.read(f, path),
         kind="projection",
-        schema_version=int(attrs["fmap_schema_version"]),
-        fmap_version=_text(attrs.get("fmap_version", "?")),
-        created=_text(attrs.get("created", "?")),
-        device=_text(attrs.get("device", "?")),
-        model_name=_text(attrs.get("model_name", "?")),
-        model_source=_text(attrs.get("model_source", "?")),
-        source_file=_text(attrs.get("source_file", "?")),
-        source_input_list_sha256=_text(attrs.get("source_input_list_sha256", "")),
+        source_file=text(attrs.get("source_file", "?")),
+        source_input_list_sha256=text(attrs.get("source_input_list_sha256", "")),
         method=p.method,
-        rule=_text(f["projection"].attrs.get("rule", "")),
+        rule=text(f["projection"].attrs.get("rule", "")),
         layer=p.layer,
         channel=p.channel,
         units_kind=p.units,
@@ -138,11 +121,11 @@ def format_projection_summary(s: ProjectionSummary) -> str:
     shape = "x".join(str(n) for n in s.input_shape)
     each = "one unit each" if s.units_kind == "unit" else "each a whole map of the channel"
     field_ = "x".join(str(n) for n in s.receptive_field) if min(s.receptive_field) > 0 else "unknown"
+    written, model = s.header_lines(f"fmap projection file, schema v{s.schema_version}")
     lines = [
-        f"{s.path}: fmap projection file, schema v{s.schema_version}, written by fmap {s.fmap_version} "
-        f"at {s.created} on {s.device}",
+        written,
         f"source: {s.source_file} (input list {s.source_input_list_sha256[:16]})",
-        f"model: {s.model_name} ({s.model_source})",
+        model,
         f"projection: {s.method} of layer {s.layer} channel {s.channel}: {len(s.units)} x {shape} ({each}), "
         f"in the network's input space; receptive field {field_}",
         *textwrap.wrap(f"rule: {s.rule}", 100, subsequent_indent="  "),
@@ -189,7 +172,7 @@ def figure(f: h5py.File, full: bool = False) -> Image.Image:
     shown = [display(p.projection[k]) for k in range(len(p.image))]
     whole = full or p.units == "whole map" or not _known(p.geometry) or not len(p.image)
     body = _whole_pictures(p, pictures, shown) if whole else _patches(p, pictures, shown)
-    source = printable(_text(f.attrs.get("source_file", "?")))
+    source = printable(text(f.attrs.get("source_file", "?")))
     title = f"{p.layer} channel {p.channel}: {p.method} projections of {len(p.image)} "
     title += "whole maps" if p.units == "whole map" else "units"
     lines = [

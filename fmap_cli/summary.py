@@ -115,16 +115,39 @@ class Details:
 
 
 @dataclass
-class FileSummary:
-    """What ``fmap inspect`` reports."""
+class Header:
+    """Who wrote a file, when, on what and with which model: every kind of fmap file has it, and
+    every ``fmap inspect`` report starts with it."""
 
     path: str
     schema_version: int
     fmap_version: str
     created: str
+    device: str
     model_name: str
     model_source: str
-    device: str
+
+    @staticmethod
+    def read(f: h5py.File, path: str) -> dict[str, Any]:
+        """The header's fields of ``f`` (opened with ``reader.open_fmap``), as keyword arguments of a
+        summary; '?' where the file does not say."""
+        said = ("fmap_version", "created", "device", "model_name", "model_source")
+        return {"path": path, "schema_version": int(f.attrs["fmap_schema_version"])} | {
+            key: text(f.attrs.get(key, "?")) for key in said
+        }
+
+    def header_lines(self, what: str) -> list[str]:
+        """The report's first two lines; ``what`` says the kind of file and its schema version."""
+        return [
+            f"{self.path}: {what}, written by fmap {self.fmap_version} at {self.created} on {self.device}",
+            f"model: {self.model_name} ({self.model_source})",
+        ]
+
+
+@dataclass
+class FileSummary(Header):
+    """What ``fmap inspect`` reports about a maps file."""
+
     n_images: int
     images: list[dict[str, Any]]
     input_saved: bool
@@ -161,7 +184,8 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+    """An attribute's value as text (h5py gives bytes for fixed-length strings)."""
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
@@ -228,21 +252,15 @@ def _summarise(f: h5py.File, path: str, details: Details) -> FileSummary:
     sizes = images["original_size"][...]
     names = list(f[schema.LAYERS]) if details.layer is None else [details.layer]
     layers = [_layer_summary(layer_group(f, name), name, list(paths), details) for name in names]
-    order = [_text(n) for n in f.attrs.get("layers", [])]
+    order = [text(n) for n in f.attrs.get("layers", [])]
     layers.sort(key=lambda layer: order.index(layer.name) if layer.name in order else len(order))
     return FileSummary(
         missing_sources=missing_sources(f) if int(f.attrs.get("virtual", 0)) else [],
-        path=path,
-        schema_version=int(f.attrs["fmap_schema_version"]),
-        fmap_version=_text(f.attrs.get("fmap_version", "?")),
-        created=_text(f.attrs.get("created", "?")),
-        model_name=_text(f.attrs.get("model_name", "?")),
-        model_source=_text(f.attrs.get("model_source", "?")),
-        device=_text(f.attrs.get("device", "?")),
+        **Header.read(f, path),
         n_images=int(f.attrs.get("n_images", len(paths))),
         images=[{"path": p, "original_size": [int(h), int(w)]} for p, (h, w) in zip(paths, sizes, strict=True)],
         input_saved=schema.INPUT in f,
-        preprocessing=json.loads(_text(f.attrs.get("preprocessing", "{}"))),
+        preprocessing=json.loads(text(f.attrs.get("preprocessing", "{}"))),
         layers=layers,
         file_bytes=Path(f.filename).stat().st_size,
         map_bytes=_map_bytes(f),
@@ -267,15 +285,15 @@ def _layer_summary(group: h5py.Group, name: str, paths: list[str], details: Deta
     zeros = stats.image_zero_fraction
     summary = LayerSummary(
         name=name,
-        type=_text(group.attrs.get("type", "?")),
-        nonlinearity=_text(group.attrs.get("nonlinearity", "none")),
-        input=_text(group.attrs.get("input", "?")),
-        input_via=_text(group.attrs.get("input_via", "")),
+        type=text(group.attrs.get("type", "?")),
+        nonlinearity=text(group.attrs.get("nonlinearity", "none")),
+        input=text(group.attrs.get("input", "?")),
+        input_via=text(group.attrs.get("input_via", "")),
         shape=list(maps[0].shape),
         axes=list(layer_axes(group)),
         n_channels=channel_count(group),
-        tokens=_text(group.attrs.get("tokens", "")),
-        field_note=_text(group.attrs.get("receptive_field_note", "unknown")) if unknown else "",
+        tokens=text(group.attrs.get("tokens", "")),
+        field_note=text(group.attrs.get("receptive_field_note", "unknown")) if unknown else "",
         dtype=str(maps[0].dtype),
         bytes_on_disk=on_disk,
         bytes_raw=raw,
@@ -371,9 +389,7 @@ def format_summary(summary: FileSummary | ProjectionSummary | OcclusionSummary) 
 
         return format_projection_summary(summary)
     lines = [
-        f"{summary.path}: fmap schema v{summary.schema_version}, written by fmap {summary.fmap_version} "
-        f"at {summary.created} on {summary.device}",
-        f"model: {summary.model_name} ({summary.model_source})",
+        *summary.header_lines(f"fmap schema v{summary.schema_version}"),
         f"images: {summary.n_images}" + ("  (input tensor saved in /input)" if summary.input_saved else ""),
         _storage_line(summary),
     ]
