@@ -180,6 +180,28 @@ def growing(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any, ke
     return ds
 
 
+def written_now() -> dict[str, str]:
+    """``fmap_version`` and ``created`` (UTC, ISO 8601): which fmap wrote a file, and when."""
+    return {"fmap_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def start_file(f: h5py.File, kind: str, **attrs: Any) -> None:
+    """The root attributes every fmap file starts with: its schema version and kind, ``complete`` = 0
+    (1 once finished), :func:`written_now`; then ``attrs``."""
+    set_attrs(f, fmap_schema_version=schema.SCHEMA_VERSION, fmap_file_kind=kind, complete=0, **written_now(), **attrs)
+
+
+def create_images(f: h5py.File, keep: list[Any]) -> None:
+    """The N dimension scale and the /images table (path, sha256, original_size, index), empty and
+    growing, of a file with a row per image."""
+    n_scale = create_dataset(f, "N", keep, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(ROW_CHUNK_BYTES // 8,))
+    n_scale.make_scale("N")
+    images = create_group(f, schema.IMAGES, keep)
+    for name, dtype, shape in (("path", STR, ()), ("sha256", STR, ()), ("original_size", np.int64, (2,)),
+                               ("index", np.int64, ())):  # fmt: skip
+        growing(images, name, shape, dtype, keep)
+
+
 def create_layout(
     f: h5py.File,
     layers: Sequence[LayerRecord],
@@ -201,13 +223,9 @@ def create_layout(
         storage: dtype, codecs and roles.
     """
     codecs = {schema.PREACTIVATION: storage.preactivation, schema.ACTIVATION: storage.activation}
-    set_attrs(
+    start_file(
         f,
-        fmap_schema_version=schema.SCHEMA_VERSION,
-        fmap_file_kind=schema.MAPS,
-        complete=0,
-        fmap_version=__version__,
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        schema.MAPS,
         n_images=0,
         layers=[layer.name for layer in layers],
         glossary=schema.GLOSSARY,
@@ -217,12 +235,7 @@ def create_layout(
     )
     set_attrs(f, **attrs)
     keep: list[Any] = []
-    n_scale = create_dataset(f, "N", keep, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(ROW_CHUNK_BYTES // 8,))
-    n_scale.make_scale("N")
-    images = create_group(f, schema.IMAGES, keep)
-    for name, dtype, shape in (("path", STR, ()), ("sha256", STR, ()), ("original_size", np.int64, (2,)),
-                               ("index", np.int64, ())):  # fmt: skip
-        growing(images, name, shape, dtype, keep)
+    create_images(f, keep)
     if input_shape is not None:
         _create_scales(f, input_shape, schema.DIM_NAMES, keep)
         pixels = _create_map(f, schema.INPUT, input_shape, schema.DIM_NAMES, (None, 0), np.dtype(np.float32), keep)

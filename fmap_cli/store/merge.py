@@ -22,7 +22,6 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .. import __version__
 from ..errors import FmapError, FmapFileError, UsageError, first_line
 from ..inputs import Shard
 from ..stopping import StopRequested, check
@@ -31,7 +30,7 @@ from .atomic import AtomicOutput, check_target
 from .axes import joined, layer_axes
 from .chunks import UNRECORDED, copy_rows
 from .continuation import differences, file_fingerprint
-from .layout import join_distinct, set_attrs
+from .layout import join_distinct, set_attrs, written_now
 from .reader import channel_count, int_attr, open_fmap, printable, shown_value
 from .stats import SUMMARY, ChannelStats
 
@@ -305,8 +304,7 @@ def _root_attrs(f: h5py.File, first: h5py.File, shards: Sequence[ShardFile], com
     set_attrs(
         f,
         complete=0,
-        fmap_version=__version__,
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **written_now(),
         command=command,
         n_images=sum(s.n_images for s in shards),
         merged_from=[str(s.path) for s in shards],

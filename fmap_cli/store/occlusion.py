@@ -10,7 +10,6 @@ numpy only.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .. import __version__
 from ..errors import FmapFileError
 from . import schema
 from .atomic import AtomicOutput
-from .layout import STR, Storage, create_dataset, create_group, growing, safe_text, set_attrs
+from .layout import STR, Storage, create_dataset, create_group, create_images, growing, safe_text, set_attrs, start_file
 from .reader import DAMAGED, printable
 from .rows import Batch, RowWriter
 from .writer import FileWriter, WriteGuard
@@ -73,23 +71,10 @@ def _describe(ds: h5py.HLObject, **extra: Any) -> None:
 
 def _create(f: h5py.File, layout: OcclusionLayout, attrs: Mapping[str, Any]) -> list[Any]:
     """Every node of an empty occlusion file (``complete`` = 0); returns them, to keep open."""
-    set_attrs(
-        f,
-        fmap_schema_version=schema.SCHEMA_VERSION,
-        fmap_file_kind=GROUP,
-        complete=0,
-        fmap_version=__version__,
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        n_images=0,
-    )
+    start_file(f, GROUP, n_images=0)
     set_attrs(f, **attrs)
     keep: list[Any] = []
-    n_scale = create_dataset(f, "N", keep, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(512,))
-    n_scale.make_scale("N")
-    images = create_group(f, schema.IMAGES, keep)
-    for name, dtype, shape in (("path", STR, ()), ("sha256", STR, ()), ("original_size", np.int64, (2,)),
-                               ("index", np.int64, ())):  # fmt: skip
-        growing(images, name, shape, dtype, keep)
+    create_images(f, keep)
     if layout.input_shape is not None:
         pixels = growing(f, schema.INPUT, layout.input_shape, np.float32, keep)
         set_attrs(pixels, axes=",".join(schema.DIM_NAMES))

@@ -9,7 +9,6 @@ numpy only.
 from __future__ import annotations
 
 import io
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +17,12 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .. import __version__
 from ..errors import FmapError, FmapFileError
 from ..geometry import Geometry
 from . import schema
 from .atomic import AtomicOutput
 from .chunks import chunk_shape
-from .layout import STR, create_dataset, create_group, safe_text, set_attrs
+from .layout import STR, create_dataset, create_group, safe_text, set_attrs, start_file
 from .reader import DAMAGED, printable
 
 UNIT = "unit"
@@ -81,15 +79,7 @@ def _file_image(p: Projections, attrs: Mapping[str, Any]) -> bytes:
     """The whole HDF5 file, built in memory."""
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as f:
-        set_attrs(
-            f,
-            fmap_schema_version=schema.SCHEMA_VERSION,
-            fmap_file_kind=schema.PROJECTION,
-            complete=0,
-            fmap_version=__version__,
-            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        )
-        set_attrs(f, **attrs, n_units=len(p.image))
+        start_file(f, schema.PROJECTION, **attrs, n_units=len(p.image))
         for name, values in ((schema.PROJECTION, p.projection), (schema.INPUT, p.input)):
             values = np.ascontiguousarray(values, dtype=np.float32)
             chunks = chunk_shape(values.shape[1:], 4) if len(values) else None
