@@ -58,6 +58,18 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def paired_times(runners: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """Seconds of each runner, ``reps`` times, after one warm-up call each (allocator, oneDNN kernel
+    selection); the runners take turns, so sample i of each saw the same machine state."""
+    for fn in runners.values():
+        fn()
+    times: dict[str, list[float]] = {label: [] for label in runners}
+    for _ in range(reps):
+        for label, fn in runners.items():
+            times[label].append(timed(fn))
+    return times
+
+
 def bench_model(
     name: str,
     model: torch.nn.Module,
@@ -82,12 +94,7 @@ def bench_model(
         contexts.append(ctx)
         runners[label] = lambda run=run: run(x)
     runners.update(others or {})
-    for fn in runners.values():  # warm-up: allocator, oneDNN kernel selection
-        fn()
-    times: dict[str, list[float]] = {label: [] for label in runners}
-    for _ in range(reps):
-        for label, fn in runners.items():
-            times[label].append(timed(fn))
+    times = paired_times(runners, reps)
     for ctx in contexts:
         ctx.__exit__(None, None, None)
     n = x.shape[0]

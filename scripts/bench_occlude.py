@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from bench import REPO, timed  # scripts/ is on sys.path when this file runs
+from bench import REPO, paired_times  # scripts/ is on sys.path when this file runs
 
 from fmap_cli.extract import Inputs, ModelChoice, preprocessing_for
 from fmap_cli.images import load_batch
@@ -93,12 +93,7 @@ def main() -> None:
         runners[f"fmap occlude --layer {layer} + class maps"] = fmap(f"{layer}+classes", layer, True)
     fixed = "fmap occlude: class maps, one position"  # the cost of a run besides the positions
     runners[fixed] = fmap("fixed", None, True, patch=args.size)
-    for fn in runners.values():  # warm-up: allocator, oneDNN kernel selection
-        fn()
-    times: dict[str, list[float]] = {label: [] for label in runners}
-    for _ in range(args.reps):
-        for label, fn in runners.items():
-            times[label].append(timed(fn))
+    times = paired_times(runners, args.reps)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print(
         f"\nResNet-18-shaped (random weights), {IMAGE.rsplit('/', 1)[-1]} at {args.size}x{args.size}: {count} "

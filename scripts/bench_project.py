@@ -18,7 +18,7 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from bench import resnet18_shaped, timed  # scripts/ is on sys.path when this file runs
+from bench import paired_times, resnet18_shaped  # scripts/ is on sys.path when this file runs
 
 from fmap_cli.capture import capture, discover
 from fmap_cli.models import load_model
@@ -65,12 +65,7 @@ def bench_layer(name: str, model: torch.nn.Module, layer: str, channel: int, x: 
         runners[f"fmap project --method {method}"] = lambda method=method: project_units(
             model, layers, layer, channel, x, units, method, batch_size=len(units)
         )
-    for fn in runners.values():  # warm-up: allocator, oneDNN kernel selection
-        fn()
-    times: dict[str, list[float]] = {label: [] for label in runners}
-    for _ in range(reps):
-        for label, fn in runners.items():
-            times[label].append(timed(fn))
+    times = paired_times(runners, reps)
     handle.remove()
     n = x.shape[0]
     print(f"\n{name}, {layer} channel {channel}: {n} units (one per image) at {x.shape[2]}x{x.shape[3]}, {reps} reps")
