@@ -31,6 +31,7 @@ from click.testing import Result
 from conftest import REPO, TINY_SPEC, extract_options, make_photo, tiny_weights
 from helpers import assert_left_clean, error_line, extract_fails, invoke, maps_of
 from PIL import Image
+from test_replicas import recorded
 from torch import nn
 
 from fmap_cli.capture import LayerInfo, capture, discover
@@ -44,37 +45,6 @@ SIZE = (64, 64)
 ATOL = 1e-5
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def plain_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode with every in-place flag off: the reference forward pass."""
-    plain = copy.deepcopy(model).eval()
-    for module in plain.modules():
-        if hasattr(module, "inplace"):
-            module.inplace = False
-    return plain
-
-
-def reference(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(input, output) of every module call in a plain forward pass; the k-th call of a module is 'path#k'."""
-    plain = plain_copy(model)
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    counts: dict[str, int] = {}
-
-    def hook(path: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-            counts[path] = counts.get(path, 0) + 1
-            name = path if counts[path] == 1 else f"{path}#{counts[path]}"
-            seen[name] = (args[0].detach().clone(), output.detach().clone())
-
-        return record
-
-    handles = [m.register_forward_hook(hook(p)) for p, m in plain.named_modules() if p]
-    with torch.no_grad():
-        plain(x)
-    for handle in handles:
-        handle.remove()
-    return seen
 
 
 def close(got: Any, want: torch.Tensor, atol: float = ATOL) -> bool:
@@ -178,7 +148,7 @@ def resnet_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def resnet_ref(resnet_file: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     with h5py.File(resnet_file, "r") as f:
         x = torch.from_numpy(f["input"][()])
-    return reference(zoo.resnet18(), x)
+    return recorded(zoo.resnet18(), x)
 
 
 def maps(path: Path, name: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -521,7 +491,7 @@ def test_pt2_gives_the_same_maps_as_the_eager_model(
         assert fe["layers"]["layer1.0.conv2"].attrs["path_to_activation"] == (
             "layer1.0.bn2 -> add(+maxpool) -> layer1.0.relu#2"
         )
-        ref = reference(zoo.resnet18(), torch.from_numpy(fe["input"][()]))
+        ref = recorded(zoo.resnet18(), torch.from_numpy(fe["input"][()]))
         assert close(fe["layers"]["layer3.1.conv1"]["preactivation"][()], ref["layer3.1.conv1"][1])
 
 
@@ -532,7 +502,7 @@ def test_pt2_single_image_batch(pt2_path: Path) -> None:
     x = torch.randn(1, 3, 64, 64)
     with capture(loaded.module, layers, ["layer2.0.conv2", "fc"]) as run:
         got = run(x)
-    ref = reference(zoo.resnet18(), x)
+    ref = recorded(zoo.resnet18(), x)
     assert close(got["layer2.0.conv2"].z, ref["layer2.0.conv2"][1])
     assert close(got["fc"].z, ref["fc"][1])
 
@@ -881,7 +851,7 @@ def test_package_module_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert loaded.module[0].out_channels == 5
     x = torch.randn(2, 3, 9, 9)
     got = capture_all(loaded.module, x, ["0", "1", "2"])
-    ref = reference(loaded.module, x)
+    ref = recorded(loaded.module, x)
     assert got["layers"]["0"].nonlinearity == "relu" and got["layers"]["2"].nonlinearity == "none"
     assert close(got["maps"]["0"].z, ref["0"][1]) and close(got["maps"]["0"].a, ref["1"][1])
     assert (got["maps"]["0"].z < 0).any()
@@ -926,8 +896,8 @@ def test_weights_formats_give_identical_maps(tmp_path: Path, monkeypatch: pytest
             assert f.attrs["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
             results[suffix] = {n: (f["layers"][n]["preactivation"][()],) for n in layers}
             x = torch.from_numpy(f["input"][()])
-    ref = reference(trained, x)
-    untrained = reference(zoo.resnet18(seed=0), x)
+    ref = recorded(trained, x)
+    untrained = recorded(zoo.resnet18(seed=0), x)
     for suffix, got in results.items():
         for name in layers:
             np.testing.assert_array_equal(got[name][0], results[".pt"][name][0])
@@ -1077,7 +1047,7 @@ def test_torchvision_short_form_with_a_fake_torchvision(tmp_path: Path, monkeypa
     )
     assert result.exit_code == 0, result.output
     with h5py.File(out, "r") as f:
-        ref = reference(zoo.resnet18(width=8), torch.from_numpy(f["input"][()]))
+        ref = recorded(zoo.resnet18(width=8), torch.from_numpy(f["input"][()]))
         assert close(f["layers/layer1.0.conv2/preactivation"][()], ref["layer1.0.conv2"][1])
         assert f.attrs["model_source"] == "torchvision:resnet18"
     load_model("torchvision:resnet18", weights="pretrained")
